@@ -1,0 +1,66 @@
+"""The `memtrain` command line.
+
+Each subcommand is a module here exposing ``add_parser(subparsers)`` and ``run(args)``.
+User errors (:class:`memtrain.errors.MemtrainError`, bad flags) print one line on stderr
+and exit with code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from memtrain.errors import MemtrainError
+
+SUBCOMMANDS = ("fit", "strategies")
+
+
+class UsageError(MemtrainError):
+    """A malformed command line."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse that raises a one-line UsageError instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+def build_parser() -> Parser:
+    from importlib import import_module
+
+    from memtrain import __version__
+
+    parser = Parser(prog="memtrain", description="Memory-efficient training of high-resolution image-to-image models.")
+    parser.add_argument("--version", action="version", version=f"memtrain {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    for name in SUBCOMMANDS:
+        import_module(f"memtrain.cli.{name}").add_parser(sub)
+    return parser
+
+
+def _one_line_warnings(message, category, filename, lineno, file=None, line=None):
+    text = " ".join(str(message).split())
+    print(f"memtrain: warning: {text}", file=file or sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    warnings.showwarning = _one_line_warnings
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return int(args.run(args) or 0)
+    except MemtrainError as e:
+        print(f"memtrain: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("memtrain: interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())

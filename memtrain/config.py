@@ -1,0 +1,349 @@
+"""Run configuration: keyword-only dataclasses, YAML presets and command-line overrides.
+
+Precedence, lowest first: the dataclass defaults, then ``--config FILE`` (or the
+``config.yaml`` of a run given to ``--resume``), then the flags typed on the command
+line. Every field carries a one-line ``help`` that is both its documentation and its
+``--flag`` help text, so the CLI is generated from this file and cannot drift from it.
+
+A run saves its resolved configuration as ``config.yaml`` beside its outputs; that file
+is itself a valid ``--config``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import MISSING, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memtrain.errors import ConfigError
+
+# The U-Net downsamples five times, so every side must be divisible by 2**5.
+SIZE_MULTIPLE = 32
+
+
+def opt(default: Any = MISSING, *, help: str, flag: str | None = None, choices=None, factory=None):
+    """A config field: its default, its one-line doc and (optionally) its flag name and choices."""
+    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where images come from and how they are brought to the training size."""
+
+    source: str = opt("phantom", flag="--data", help="'phantom' (built-in synthetic radiographs) or a folder of PNG/TIFF/JPEG/DICOM images")
+    targets: str = opt("clahe", help="folder data: a folder of target images paired by file stem, or 'clahe' to compute CLAHE + unsharp-mask targets")
+    size: int = opt(512, help=f"training image side in pixels; a multiple of {SIZE_MULTIPLE} (the U-Net's constraint)")
+    fit: str = opt(
+        "resize",
+        choices=("resize", "crop"),
+        help="how images reach --size: 'resize' keeps the aspect ratio and pads, 'crop' takes a random (validation: centred) crop",
+    )
+    train_images: int = opt(48, help="phantom: number of training images (the paper used 48)")
+    val_images: int = opt(12, help="phantom: number of validation images (the paper used 12)")
+    val_fraction: float = opt(0.2, help="folder data: fraction of images held out for validation, chosen deterministically from file names and --data-seed")
+    data_seed: int = opt(0, help="seed of the phantom generator and of the train/validation split (independent of --seed)")
+    workers: int = opt(0, help="data-loading worker processes (0 loads in the training process)")
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """The network: a segmentation-models-pytorch U-Net, one channel in and one out."""
+
+    encoder: str = opt("resnet34", help="smp encoder name (resnet18, resnet34, resnet50, ...)")
+    encoder_weights: str | None = opt(None, help="local state-dict file for the encoder (random init when absent; nothing is downloaded)")
+    zero_head: bool = opt(True, help="start the output convolution at zero so 1 − MS-SSIM has a gradient from step one (see memtrain.model)")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """Optimisation and the Lightning loop."""
+
+    epochs: int = opt(50, help="number of epochs (the paper trained 50)")
+    max_steps: int = opt(-1, help="stop after this many optimizer steps (-1: no limit)")
+    batch_size: int = opt(2, help="images per optimizer step")
+    lr: float = opt(1e-3, help="Adam learning rate")
+    weight_decay: float = opt(0.0, help="Adam weight decay")
+    scheduler: str = opt("cosine", choices=("none", "cosine", "step"), help="learning-rate schedule, stepped once per epoch")
+    step_size: int = opt(10, help="'step' scheduler: epochs between decays")
+    gamma: float = opt(0.5, help="'step' scheduler: decay factor")
+    seed: int = opt(0, help="seed of model initialisation and data order")
+    deterministic: bool = opt(False, help="use deterministic algorithms only (slower; errors on ops that have none)")
+    accelerator: str = opt("auto", choices=("auto", "cpu", "cuda"), help="device: 'auto' picks CUDA when present, else CPU")
+    val_every: int = opt(1, help="validate every N epochs")
+    limit_val_batches: int = opt(-1, help="validate on at most this many batches (-1: all)")
+    checkpoint_every_steps: int = opt(0, help="also write last.ckpt every N training steps (0: at epoch ends only)")
+
+
+@dataclass(kw_only=True)
+class MemoryConfig:
+    """Per-phase memory tracking of every training step."""
+
+    track: bool = opt(True, flag="--memory", help="record forward/backward/optimizer peak memory of every step into memory.csv")
+    warmup_steps: int = opt(1, help="steps left out of the end-of-run memory summary (allocator and optimizer-state warm-up)")
+
+
+@dataclass(kw_only=True)
+class RunConfig:
+    """Outputs of the run."""
+
+    out: str | None = opt(None, help="run directory (default: runs/<timestamp>)")
+    samples: int = opt(3, help="validation images drawn into samples/epoch_N.png (0: none)")
+
+
+@dataclass(kw_only=True)
+class FitConfig:
+    """Everything `memtrain fit` needs; sections mirror the YAML layout."""
+
+    strategies: list[str] = opt(help="comma-separated memory strategies, e.g. 'amp,checkpoint' (see `memtrain strategies`)", factory=lambda: ["none"])
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+    def validate(self) -> FitConfig:
+        """Check values that no type can express; raise ConfigError naming the flag."""
+        check_size(self.data.size)
+        _positive("--batch-size", self.train.batch_size)
+        _positive("--epochs", self.train.epochs)
+        _positive("--val-every", self.train.val_every)
+        _positive("--train-images", self.data.train_images)
+        _positive("--val-images", self.data.val_images)
+        if not (self.train.lr > 0 and math.isfinite(self.train.lr)):
+            raise ConfigError(f"--lr {self.train.lr}: expected a positive number")
+        if self.train.max_steps == 0 or self.train.max_steps < -1:
+            raise ConfigError(f"--max-steps {self.train.max_steps}: expected a positive number of steps, or -1 for no limit")
+        if not 0.0 < self.data.val_fraction < 1.0:
+            raise ConfigError(f"--val-fraction {self.data.val_fraction}: expected a number between 0 and 1")
+        for flag, value in (
+            ("--workers", self.data.workers),
+            ("--samples", self.run.samples),
+            ("--warmup-steps", self.memory.warmup_steps),
+            ("--checkpoint-every-steps", self.train.checkpoint_every_steps),
+        ):
+            if value < 0:
+                raise ConfigError(f"{flag} {value}: expected 0 or more")
+        if not self.strategies:
+            raise ConfigError("--strategies: expected at least one strategy name (use 'none' for the plain model)")
+        return self
+
+
+def check_size(size: int, flag: str = "--size") -> int:
+    """Raise ConfigError unless ``size`` is a positive multiple of 32, naming the nearest valid sizes."""
+    if size >= SIZE_MULTIPLE and size % SIZE_MULTIPLE == 0:
+        return size
+    lower = max(SIZE_MULTIPLE, size // SIZE_MULTIPLE * SIZE_MULTIPLE)
+    upper = max(SIZE_MULTIPLE, -(-size // SIZE_MULTIPLE) * SIZE_MULTIPLE)
+    nearest = f"{lower}" if lower == upper else f"{lower} or {upper}"
+    raise ConfigError(f"{flag} {size}: expected a multiple of {SIZE_MULTIPLE} (the U-Net downsamples 5 times); nearest valid: {nearest}")
+
+
+def _positive(flag: str, value: int) -> None:
+    if value < 1:
+        raise ConfigError(f"{flag} {value}: expected a positive number")
+
+
+# --------------------------------------------------------------------------- fields
+
+
+def _sections(cls=FitConfig) -> list[tuple[str | None, dataclasses.Field]]:
+    """(section name or None for top level, field) for every leaf field of FitConfig."""
+    out: list[tuple[str | None, dataclasses.Field]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.extend((f.name, sub) for sub in dataclasses.fields(hints[f.name]))
+        else:
+            out.append((None, f))
+    return out
+
+
+def _leaf_type(section: str | None, f: dataclasses.Field):
+    owner = FitConfig if section is None else typing.get_type_hints(FitConfig)[section]
+    tp = typing.get_type_hints(owner)[f.name]
+    optional = False
+    if isinstance(tp, types.UnionType) or typing.get_origin(tp) is typing.Union:
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        optional, tp = True, args[0]
+    return tp, optional
+
+
+def flag_of(section: str | None, f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def _key(section: str | None, name: str) -> str:
+    return name if section is None else f"{section}.{name}"
+
+
+def _coerce(value: Any, section: str | None, f: dataclasses.Field, where: str) -> Any:
+    """Turn a YAML or command-line value into the field's type, or raise ConfigError naming ``where``."""
+    tp, optional = _leaf_type(section, f)
+    if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise ConfigError(f"{where}: expected a value, got nothing")
+    try:
+        if typing.get_origin(tp) is list:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            result: Any = [str(v).strip() for v in items if str(v).strip()]
+        elif tp is bool:
+            if isinstance(value, bool):
+                result = value
+            elif str(value).lower() in ("true", "yes", "on", "1"):
+                result = True
+            elif str(value).lower() in ("false", "no", "off", "0"):
+                result = False
+            else:
+                raise ValueError
+        elif tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            result = int(value)
+        elif tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            result = float(value)
+        else:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            result = str(value)
+    except (TypeError, ValueError):
+        kind = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}.get(tp, "a list")
+        raise ConfigError(f"{where}: expected {kind}, got {value!r}") from None
+    choices = f.metadata.get("choices")
+    if choices and result not in choices:
+        raise ConfigError(f"{where}: expected one of {', '.join(choices)}, got {result!r}")
+    return result
+
+
+# --------------------------------------------------------------------------- YAML
+
+
+def to_dict(cfg: FitConfig) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(raw: Any, where: str, base: FitConfig | None = None) -> FitConfig:
+    """Overlay a nested mapping (as in YAML) onto ``base`` (default: the defaults)."""
+    cfg = _deepcopy(base if base is not None else FitConfig())
+    if raw is None:
+        return cfg
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
+    leaves = {(s, f.name): (s, f) for s, f in _sections()}
+    sections = {s for s, _ in _sections() if s}
+    for key, value in raw.items():
+        if key in sections:
+            if value is None:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(f"{where}: section '{key}' must be a mapping, got {value!r}")
+            for sub, subval in value.items():
+                if (key, sub) not in leaves:
+                    known = ", ".join(sorted(n for s, n in leaves if s == key))
+                    raise ConfigError(f"{where}: unknown key '{key}.{sub}' (known in '{key}': {known})")
+                s, f = leaves[(key, sub)]
+                setattr(getattr(cfg, key), sub, _coerce(subval, s, f, f"{where}: {key}.{sub}"))
+        elif (None, key) in leaves:
+            s, f = leaves[(None, key)]
+            setattr(cfg, key, _coerce(value, s, f, f"{where}: {key}"))
+        else:
+            known = ", ".join(sorted({s or n for s, n in leaves}))
+            raise ConfigError(f"{where}: unknown key '{key}' (known: {known})")
+    return cfg
+
+
+def _deepcopy(cfg: FitConfig) -> FitConfig:
+    return from_plain(dataclasses.asdict(cfg))
+
+
+def from_plain(d: dict[str, Any]) -> FitConfig:
+    hints = typing.get_type_hints(FitConfig)
+    kwargs = {}
+    for f in dataclasses.fields(FitConfig):
+        if dataclasses.is_dataclass(hints[f.name]):
+            kwargs[f.name] = hints[f.name](**d[f.name])
+        else:
+            kwargs[f.name] = list(d[f.name]) if isinstance(d[f.name], list) else d[f.name]
+    return FitConfig(**kwargs)
+
+
+def load_yaml(path: str | Path, base: FitConfig | None = None) -> FitConfig:
+    """Read a YAML preset; every problem is a one-line ConfigError naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"--config {path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--config {path}: cannot read it ({e.__class__.__name__}: {e})") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(f"--config {path}: not valid YAML{at}: {problem}") from None
+    return from_dict(raw, str(path), base)
+
+
+def dump_yaml(cfg: FitConfig) -> str:
+    header = "# memtrain fit configuration (resolved). Reuse it with: memtrain fit --config <this file>\n"
+    return header + yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per config field. Defaults are suppressed so only typed flags override."""
+    for section, f in _sections():
+        tp, _ = _leaf_type(section, f)
+        title = section or "general"
+        group = _group(parser, title)
+        kwargs: dict[str, Any] = {"dest": _key(section, f.name), "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if tp is bool:
+            group.add_argument(flag_of(section, f), action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if f.metadata.get("choices"):
+            kwargs["metavar"] = "{" + ",".join(f.metadata["choices"]) + "}"
+        default = f.default if f.default is not MISSING else f.default_factory()
+        if default is not None and not isinstance(default, list):
+            kwargs["help"] += f" [default: {default}]"
+        group.add_argument(flag_of(section, f), type=str, **kwargs)
+
+
+def _group(parser: argparse.ArgumentParser, title: str):
+    for g in parser._action_groups:
+        if g.title == title:
+            return g
+    return parser.add_argument_group(title)
+
+
+def apply_overrides(cfg: FitConfig, args: argparse.Namespace) -> FitConfig:
+    """Apply the flags that were given on the command line (and only those)."""
+    cfg = _deepcopy(cfg)
+    given = vars(args)
+    for section, f in _sections():
+        key = _key(section, f.name)
+        if key not in given:
+            continue
+        value = _coerce(given[key], section, f, f"{flag_of(section, f)} {given[key]}")
+        setattr(cfg if section is None else getattr(cfg, section), f.name, value)
+    return cfg
+
+
+def field_docs() -> list[tuple[str, str, str]]:
+    """(yaml key, flag, help) for every field — used by the README and `--help`."""
+    return [(_key(s, f.name), flag_of(s, f), f.metadata["help"]) for s, f in _sections()]

@@ -1,0 +1,54 @@
+"""The Lightning data module: builds and checks the data sets before any training starts."""
+
+from __future__ import annotations
+
+import lightning as L
+from torch.utils.data import DataLoader, Dataset
+
+from memtrain.config import DataConfig
+from memtrain.data.datasets import FolderDataset, PhantomDataset, check_readable, pair_targets, scan_folder, split
+
+PHANTOM = "phantom"
+
+
+def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
+    """(train, val) data sets for ``cfg``; folder data is fully decoded once here to fail early."""
+    if cfg.source.lower() == PHANTOM:
+        train = PhantomDataset(seed=cfg.data_seed, first=0, count=cfg.train_images, size=cfg.size)
+        val = PhantomDataset(seed=cfg.data_seed, first=cfg.train_images, count=cfg.val_images, size=cfg.size)
+        return train, val
+    pairs = pair_targets(scan_folder(cfg.source), cfg.targets)
+    check_readable(pairs)
+    train_pairs, val_pairs = split(pairs, cfg.val_fraction, cfg.data_seed)
+    return (
+        FolderDataset(train_pairs, size=cfg.size, fit=cfg.fit, train=True),
+        FolderDataset(val_pairs, size=cfg.size, fit=cfg.fit, train=False),
+    )
+
+
+class RadiographDataModule(L.LightningDataModule):
+    """Train/validation loaders over phantom or folder radiographs."""
+
+    def __init__(self, cfg: DataConfig, *, batch_size: int, pin_memory: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.batch_size = batch_size
+        self.pin_memory = pin_memory
+        self.train_set, self.val_set = build_datasets(cfg)
+
+    def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
+        workers = self.cfg.workers
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            num_workers=workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)

@@ -1,0 +1,139 @@
+"""`memtrain fit`: assemble data, model, strategies and the Lightning Trainer, and train.
+
+Everything the user can get wrong (flags, strategies, data, weights) is checked before
+the run directory is created or any training starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+
+import torch
+
+from memtrain.config import FitConfig, dump_yaml, to_dict
+from memtrain.errors import ConfigError
+from memtrain.rundir import CONFIG_NAME, atomic_write_text, new_run_dir
+
+CHECKPOINT_DIR = "checkpoints"
+LAST = "last.ckpt"
+
+# Lightning advice that does not apply to how memtrain sets up its runs.
+_QUIET = (
+    r".*does not have many workers.*",
+    r".*Checkpoint directory .* exists and is not empty.*",
+    r".*could not find the monitored key in the returned metrics.*",
+    r".*The number of training batches .* is smaller than the logging interval.*",
+    r".*Precision bf16-mixed is not supported by the model summary.*",
+    r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",
+)
+
+
+class _NoTips(logging.Filter):
+    """Drop Lightning's advertising tips ('💡 Tip: ... litlogger')."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Tip:" not in str(record.msg)
+
+
+def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
+    """Train as configured; return the run directory. ``resume`` continues that run from its last.ckpt."""
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from memtrain.data.module import RadiographDataModule
+    from memtrain.loop.callbacks import MetricsCSV, SampleImages
+    from memtrain.loop.module import EnhancementModule
+    from memtrain.memory.lightning import MemoryCallback
+    from memtrain.memory.tracker import MemoryTracker
+    from memtrain.model import build_model
+    from memtrain.strategies import Environment, Plan
+
+    cfg.validate()
+    for pattern in _QUIET:
+        warnings.filterwarnings("ignore", message=pattern)
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+    if cfg.train.accelerator == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--accelerator cuda: no CUDA device is available (use 'auto' or 'cpu')")
+    env = Environment.detect(cfg.train.accelerator)
+    plan = Plan.resolve(cfg.strategies, env)
+
+    ckpt_path = None
+    if resume is not None:
+        run_dir = Path(resume)
+        ckpt_path = run_dir / CHECKPOINT_DIR / LAST
+        if not ckpt_path.is_file():
+            raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_DIR}/{LAST} (the run stopped before its first checkpoint)")
+
+    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+    datamodule = RadiographDataModule(cfg.data, batch_size=cfg.train.batch_size, pin_memory=env.device == "cuda")
+    model = build_model(cfg.model)
+
+    if resume is None:
+        run_dir = new_run_dir(cfg.run.out)
+        cfg.run.out = str(run_dir)
+    atomic_write_text(run_dir / CONFIG_NAME, dump_yaml(cfg))
+    print(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})", flush=True)
+
+    model = plan.apply(model)
+    module = EnhancementModule(model, plan, cfg.train, samples=cfg.run.samples, config=to_dict(cfg))
+
+    device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
+    memory = MemoryCallback(MemoryTracker(device), run_dir / "memory.csv", warmup_steps=cfg.memory.warmup_steps)
+    ckpt_dir = run_dir / CHECKPOINT_DIR
+    callbacks = [
+        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False),
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            save_top_k=0,
+            save_last=True,
+            every_n_train_steps=cfg.train.checkpoint_every_steps or None,
+            enable_version_counter=False,
+        ),
+        MetricsCSV(run_dir / "metrics.csv"),
+    ]
+    if cfg.run.samples > 0:
+        callbacks.append(SampleImages(run_dir / "samples"))
+    if cfg.memory.track:
+        callbacks.append(memory)
+
+    precision = plan.precision_plugin()
+    trainer = L.Trainer(
+        accelerator="gpu" if env.device == "cuda" else "cpu",
+        devices=1,
+        plugins=[precision] if precision is not None else None,
+        max_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps,
+        check_val_every_n_epoch=cfg.train.val_every,
+        limit_val_batches=cfg.train.limit_val_batches if cfg.train.limit_val_batches > 0 else None,
+        num_sanity_val_steps=0,
+        logger=False,
+        callbacks=callbacks,
+        default_root_dir=run_dir,
+        # CUDA has no deterministic kernel for the U-Net's nearest-upsampling backward:
+        # there torch warns instead of failing.
+        deterministic=(True if env.device == "cpu" else "warn") if cfg.train.deterministic else None,
+        benchmark=False if cfg.train.deterministic else None,
+    )
+    with plan.session():
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    _print_outcome(run_dir)
+    return run_dir
+
+
+def _print_outcome(run_dir: Path) -> None:
+    import csv
+
+    path = run_dir / "metrics.csv"
+    if not path.exists():
+        return
+    with path.open(newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
+    if rows:
+        r = rows[-1]
+        print(
+            f"epoch {r['epoch']}: val MS-SSIM {float(r['val_msssim']):.4f} (identity {float(r['identity_msssim']):.4f}), "
+            f"PSNR {float(r['val_psnr']):.2f} dB (identity {float(r['identity_psnr']):.2f} dB)"
+        )
+    print(f"memtrain: outputs in {run_dir}: config.yaml, metrics.csv, memory.csv, checkpoints/, samples/")

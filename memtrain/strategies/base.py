@@ -1,0 +1,119 @@
+"""What a memory strategy is, and the fixed order in which strategies apply.
+
+A strategy can act at four points, each a no-op by default so a strategy only
+overrides what it changes:
+
+* :meth:`Strategy.transform` — rewrite the model once, before training;
+* :meth:`Strategy.transform_loss` — wrap the loss function once;
+* :meth:`Strategy.forward_context` — a context around each training forward of the
+  *model* (saved-tensor hooks live here; the loss runs outside it);
+* :meth:`Strategy.session` — process-wide settings for the whole run (e.g. TF32),
+  restored afterwards;
+* :meth:`Strategy.precision_plugin` — the Lightning precision plugin (autocast and
+  gradient scaling) when the strategy owns numeric precision.
+
+Model transforms apply in :class:`Stage` order. The order is not a convention but a
+dependency chain, written next to each stage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from memtrain.strategies.plan import Plan
+
+
+class Stage(IntEnum):
+    """Where a strategy sits in the fixed transform order (lower applies first)."""
+
+    # Restructure first: replacing residual stages (MomentumNet) changes which modules
+    # exist, so everything after must see the final architecture.
+    RESTRUCTURE = 10
+    # Quantize next: QAT fuses conv+bn and inserts fake-quant observers into the final
+    # modules, and saved-tensor quantization must know which tensors it may touch.
+    QUANTIZE = 20
+    # Checkpoint after quantization so that recomputation replays the fake-quant ops
+    # too, and after restructuring so regions follow the final block boundaries.
+    CHECKPOINT = 30
+    # Offload moves what the (possibly checkpointed, quantized) graph still saves.
+    OFFLOAD = 35
+    # Precision last among single-process strategies: autocast wraps the whole step at
+    # run time and must also cover recomputation, which non-reentrant checkpointing
+    # replays under the autocast state recorded in the forward.
+    PRECISION = 40
+    # Placement (model / pipeline / data parallel) shards or replicates the final,
+    # fully transformed model.
+    PLACEMENT = 50
+
+
+@dataclass(frozen=True)
+class Environment:
+    """Facts about where training runs that decide how strategies resolve."""
+
+    device: str = "cpu"  # "cpu" or "cuda"
+    native_bf16: bool = False  # bf16 kernels exist in hardware (CUDA >= sm80, or a CPU with AVX512-BF16/AMX)
+
+    @classmethod
+    def detect(cls, accelerator: str = "auto") -> Environment:
+        if accelerator == "auto":
+            accelerator = "cuda" if torch.cuda.is_available() else "cpu"
+        if accelerator == "cuda":
+            return cls(device="cuda", native_bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
+        return cls(device="cpu", native_bf16=bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+class Strategy:
+    """Base class. Subclasses set the class attributes and override only the hooks they need.
+
+    The class docstring of each strategy states its trade-off: memory saved, time paid,
+    accuracy risk. ``memtrain strategies`` prints it.
+    """
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    summary: ClassVar[str]  # one line for `memtrain strategies`
+    variants: ClassVar[tuple[str, ...]] = ()  # accepted ':variant' suffixes; the first is the default
+
+    def __init__(self, variant: str | None = None) -> None:
+        self.variant = variant if variant is not None else (self.variants[0] if self.variants else None)
+        self.env = Environment()
+
+    @property
+    def spec(self) -> str:
+        """The canonical ``name[:variant]`` string."""
+        return f"{self.name}:{self.variant}" if self.variant else self.name
+
+    def __repr__(self) -> str:
+        return f"<strategy {self.spec}>"
+
+    # -- resolution --------------------------------------------------------------
+    def bind(self, env: Environment) -> None:
+        """Resolve environment-dependent choices (e.g. 'auto' variants) before checks."""
+        self.env = env
+
+    def check(self, plan: Plan) -> None:
+        """Raise StrategyError, with the reason, if this strategy cannot be faithful in ``plan``."""
+
+    # -- hooks (no-ops by default) --------------------------------------------------
+    def transform(self, model: torch.nn.Module) -> torch.nn.Module:
+        return model
+
+    def transform_loss(self, loss_fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        return loss_fn
+
+    def forward_context(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def session(self) -> contextlib.AbstractContextManager[Any]:
+        return contextlib.nullcontext()
+
+    def precision_plugin(self):
+        return None
