@@ -119,7 +119,7 @@ def read_dicom_pixels(path: Path, ds=None) -> np.ndarray:
         if syntax is not None and getattr(syntax, "is_compressed", False):
             raise DataError(
                 f"{path}: compressed DICOM ({name}) cannot be decoded here ({_short(e)}); "
-                "install the optional decoders: pip install 'memtrain[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg, pylibjpeg-rle)"
+                "install the optional decoders: pip install 'memtrain[dicom]' (pylibjpeg, pylibjpeg-libjpeg, pylibjpeg-openjpeg)"
             ) from None
         raise DataError(f"{path}: cannot decode DICOM pixel data ({name}: {_short(e)})") from None
     values = apply_modality_lut(pixels, ds).astype(np.float64)

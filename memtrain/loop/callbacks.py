@@ -41,7 +41,7 @@ class MetricsCSV(L.Callback):
         self._t0 = 0.0
         self._validated_epoch = -1
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         if self.path.exists():
             with self.path.open(newline="") as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < trainer.current_epoch]

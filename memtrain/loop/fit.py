@@ -84,10 +84,12 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
     ckpt_dir = run_dir / CHECKPOINT_DIR
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False),
+        # "last": one file, overwritten at every epoch end (or every N steps).
         ModelCheckpoint(
             dirpath=ckpt_dir,
-            save_top_k=0,
-            save_last=True,
+            filename="last",
+            monitor=None,
+            save_top_k=1,
             every_n_train_steps=cfg.train.checkpoint_every_steps or None,
             enable_version_counter=False,
         ),

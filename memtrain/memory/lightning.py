@@ -25,7 +25,7 @@ class MemoryCallback(L.Callback):
         self.print_summary = print_summary
         self._earlier_rows: list[str] = []  # rows of the run being resumed, kept in memory.csv
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def on_train_start(self, trainer, pl_module) -> None:
         # On resume, keep the rows of steps that happened before the checkpoint.
         if self.csv_path is not None and self.csv_path.exists() and trainer.global_step > 0:
             lines = self.csv_path.read_text().splitlines()

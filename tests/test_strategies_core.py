@@ -1,0 +1,124 @@
+"""Strategy registry and plans, and the precision strategies (amp, tf32)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import phantom_batch, warmed_unet
+
+from memtrain.errors import StrategyError
+from memtrain.loss import MSSSIMLoss
+from memtrain.strategies import Environment, Plan, Stage, Strategy, available, create, register
+from memtrain.strategies.registry import _REGISTRY
+
+CPU = Environment(device="cpu", native_bf16=False)
+
+
+def test_registry_rejects_duplicates_and_lists_available_on_a_miss():
+    class Twin(Strategy):
+        name = "amp"
+        stage = Stage.PRECISION
+        summary = "a second amp"
+
+    with pytest.raises(ValueError, match="already registered"):
+        register(Twin)
+    assert _REGISTRY["amp"] is not Twin
+    with pytest.raises(StrategyError, match=r"unknown strategy 'turbo' \(available: .*amp.*none.*tf32"):
+        create("turbo")
+    with pytest.raises(StrategyError, match=r"available: amp:auto, amp:bf16, amp:fp16"):
+        create("amp:int4")
+    with pytest.raises(StrategyError, match="takes no ':variant'"):
+        create("tf32:fast")
+    assert {"none", "amp", "tf32"} <= set(available())
+
+
+def test_plan_rejects_bad_combinations_up_front():
+    with pytest.raises(StrategyError, match="'amp' given more than once"):
+        Plan.resolve("amp,amp:bf16", CPU)
+    with pytest.raises(StrategyError, match="'none' means the plain model"):
+        Plan.resolve("none,amp", CPU)
+    with pytest.raises(StrategyError, match="at least one"):
+        Plan.resolve(" , ", CPU)
+
+
+def test_plan_orders_by_stage_and_resolves_amp():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = Plan.resolve("tf32,amp", CPU)
+    assert [s.stage for s in plan.strategies] == sorted(s.stage for s in plan.strategies)
+    assert plan.get("amp").spec == "amp:bf16"  # CPU autocast is bf16
+    assert Plan.resolve("amp", Environment(device="cuda", native_bf16=False)).get("amp").spec == "amp:fp16"
+    assert Plan.resolve("amp", Environment(device="cuda", native_bf16=True)).get("amp").spec == "amp:bf16"
+    with pytest.raises(StrategyError, match="no native bf16"):
+        Plan.resolve("amp:bf16", Environment(device="cuda", native_bf16=False))
+    assert Plan.resolve("none", CPU).specs == ["none"]
+
+
+def test_disabled_strategies_are_no_op_objects():
+    plan = Plan.resolve("none", CPU)
+    model = torch.nn.Conv2d(1, 1, 3)
+    assert plan.apply(model) is model
+    assert plan.precision_plugin() is None
+    with plan.forward_context(), plan.session():
+        pass
+
+
+def test_amp_fp16_has_a_grad_scaler_and_bf16_has_none():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fp16 = Plan.resolve("amp:fp16", CPU).precision_plugin()
+        bf16 = Plan.resolve("amp:bf16", CPU).precision_plugin()
+    assert fp16.precision == "16-mixed" and isinstance(fp16.scaler, torch.amp.GradScaler)
+    assert bf16.precision == "bf16-mixed" and bf16.scaler is None
+
+
+def test_tf32_session_sets_and_restores_precision():
+    conv = torch.backends.cudnn.conv
+    before = conv.fp32_precision
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tf32 = Plan.resolve("tf32", CPU)
+    with tf32.session():
+        assert conv.fp32_precision == "tf32"
+    with Plan.resolve("none", CPU).session():
+        assert conv.fp32_precision == "ieee"  # the reference is true float32
+    assert conv.fp32_precision == before
+
+
+def _saved_bytes(model, x, ctx):
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), ctx:
+        out = model(x)
+    return out, total
+
+
+def test_amp_bf16_matches_fp32_and_saves_half_the_activations():
+    """Faithfulness (cosine ≥ 0.99, BN buffers within bf16 tolerance) and mechanism (saved bytes)."""
+    x, y = phantom_batch(64)
+    ref = warmed_unet()
+    amp = warmed_unet()
+    out32, saved32 = _saved_bytes(ref, x, torch.autocast("cpu", enabled=False))
+    MSSSIMLoss()(out32, y).backward()
+    out16, saved16 = _saved_bytes(amp, x, torch.autocast("cpu", dtype=torch.bfloat16))
+    assert out16.dtype == torch.bfloat16
+    MSSSIMLoss()(out16, y).backward()
+    # Mechanism: what autograd keeps for backward is mostly 16-bit.
+    assert saved16 < 0.6 * saved32, (saved16, saved32)
+    # Faithfulness: gradients point the same way, parameter by parameter group.
+    g32 = torch.cat([p.grad.flatten() for p in ref.parameters()])
+    g16 = torch.cat([p.grad.float().flatten() for p in amp.parameters()])
+    assert g32.abs().sum() > 0 and (g16 != 0).float().mean() > 0.5
+    assert torch.nn.functional.cosine_similarity(g32, g16, dim=0) > 0.99
+    for (name, b32), (_, b16) in zip(ref.named_buffers(), amp.named_buffers()):
+        if b32.dtype.is_floating_point:
+            assert torch.allclose(b32, b16.float(), rtol=0.05, atol=0.02), name
+        else:
+            assert torch.equal(b32, b16), name
