@@ -81,7 +81,7 @@ class TrainConfig:
     accelerator: str = opt("auto", choices=("auto", "cpu", "cuda"), help="device: 'auto' picks CUDA when present, else CPU")
     val_every: int = opt(1, help="validate every N epochs")
     limit_val_batches: int = opt(-1, help="validate on at most this many batches (-1: all)")
-    checkpoint_every_steps: int = opt(0, help="also write last.ckpt every N training steps (0: at epoch ends only)")
+    checkpoint_every_steps: int = opt(0, help="write last.ckpt every N training steps instead of at epoch ends (0: at epoch ends)")
 
 
 @dataclass(kw_only=True)

@@ -118,3 +118,10 @@ def test_missing_config_file(tmp_path):
 def test_config_and_resume_are_exclusive(tmp_path):
     with pytest.raises(ConfigError, match="give one"):
         resolve_config(parse("--config", "a.yaml", "--resume", str(tmp_path)))
+
+
+def test_readme_documents_every_flag():
+    readme = (C.Path(__file__).parents[1] / "README.md").read_text()
+    for key, flag, _ in C.field_docs():
+        assert f"`{flag}`" in readme or f"`{flag} /" in readme or f"`{flag}` /" in readme, flag
+        assert f"`{key}`" in readme, key

@@ -107,9 +107,11 @@ def test_amp_bf16_matches_fp32_and_saves_half_the_activations():
     amp = warmed_unet()
     out32, saved32 = _saved_bytes(ref, x, torch.autocast("cpu", enabled=False))
     MSSSIMLoss()(out32, y).backward()
-    out16, saved16 = _saved_bytes(amp, x, torch.autocast("cpu", dtype=torch.bfloat16))
-    assert out16.dtype == torch.bfloat16
-    MSSSIMLoss()(out16, y).backward()
+    plan = Plan.resolve("amp", CPU)
+    with plan.session():  # on this CPU: 16-bit convs computed by float32 kernels
+        out16, saved16 = _saved_bytes(amp, x, plan.get("amp").autocast())
+        assert out16.dtype == torch.bfloat16
+        MSSSIMLoss()(out16, y).backward()
     # Mechanism: what autograd keeps for backward is mostly 16-bit.
     assert saved16 < 0.6 * saved32, (saved16, saved32)
     # Faithfulness: gradients point the same way, parameter by parameter group.
@@ -122,3 +124,29 @@ def test_amp_bf16_matches_fp32_and_saves_half_the_activations():
             assert torch.allclose(b32, b16.float(), rtol=0.05, atol=0.02), name
         else:
             assert torch.equal(b32, b16), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_16_bit_convolution_on_float32_kernels_equals_native(dtype):
+    from memtrain.strategies.amp import LowPrecisionConvOnFloat32
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.randn(2, 8, 24, 24)
+    results = []
+    for emulate in (False, True):
+        conv.zero_grad()
+        xi = x.clone().requires_grad_(True)
+        ctx = LowPrecisionConvOnFloat32() if emulate else torch.autocast("cpu", enabled=False)
+        with ctx:
+            with torch.autocast("cpu", dtype=dtype):
+                out = conv(xi)
+            (out.float() ** 2).sum().backward()
+        results.append((out, xi.grad, conv.weight.grad.clone(), conv.bias.grad.clone()))
+    (o_n, gx_n, gw_n, gb_n), (o_e, gx_e, gw_e, gb_e) = results
+    assert o_e.dtype == o_n.dtype == dtype and gx_e.dtype == gx_n.dtype == torch.float32
+    eps = torch.finfo(dtype).eps
+    for native, emulated in ((o_n, o_e), (gx_n, gx_e), (gw_n, gw_e), (gb_n, gb_e)):
+        # Both accumulate in float32 from the same 16-bit inputs: they differ by output rounding only.
+        scale = native.float().abs().max()
+        assert (native.float() - emulated.float()).abs().max() <= 4 * eps * scale

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from memtrain.errors import StrategyError
 from memtrain.strategies.base import Stage, Strategy
@@ -20,9 +20,12 @@ class AMP(Strategy):
 
     Memory saved: activations saved for backward are stored in 16 bits, roughly halving
     the activation memory (the paper measured ~50 % less in forward). Time paid: none on
-    GPUs with tensor cores (usually faster); on CPUs without native bf16/fp16 kernels
-    (no AVX512-BF16/AMX) PyTorch falls back to reference convolutions that are
-    ~30x slower than float32 — there amp is for checking behaviour, not for speed.
+    GPUs with tensor cores (usually faster). On CPUs without native bf16/fp16 kernels
+    (no AVX512-BF16/AMX) PyTorch's 16-bit convolutions fall back to reference loops ~30x
+    slower than float32; there memtrain runs them as float32 convolutions of the
+    16-bit inputs, rounded to 16 bits (:class:`LowPrecisionConvOnFloat32`) — what a
+    native kernel computes (16-bit inputs, float32 accumulation, 16-bit output), with the
+    same 16-bit tensors saved for backward, at about float32 speed.
     Accuracy risk: bf16 keeps float32's range with an 8-bit mantissa (coarser
     activations); fp16 has more mantissa but overflows above 65504, so fp16 runs use a
     dynamic GradScaler that skips steps with inf/NaN gradients. The MS-SSIM loss always
@@ -57,12 +60,11 @@ class AMP(Strategy):
     def check(self, plan) -> None:
         if self.env.device == "cuda" and self.resolved == "bf16" and not self.env.native_bf16:
             raise StrategyError("amp:bf16: this GPU has no native bf16 (needs compute capability 8.0+); use amp:fp16")
+
+    def session(self):
         if self.env.device == "cpu" and not self.env.native_bf16:
-            warnings.warn(
-                "amp on a CPU without native bf16/fp16 kernels (needs AVX512-BF16 or AMX): PyTorch uses reference "
-                "convolutions, about 30x slower than float32. Memory behaviour is the same as on a GPU.",
-                stacklevel=2,
-            )
+            return LowPrecisionConvOnFloat32()
+        return contextlib.nullcontext()
 
     def precision_plugin(self):
         from lightning.pytorch.plugins.precision import MixedPrecision
@@ -73,3 +75,40 @@ class AMP(Strategy):
     def autocast(self) -> contextlib.AbstractContextManager:
         """The autocast context, for code that runs outside Lightning (e.g. remote shards)."""
         return torch.autocast(self.env.device, dtype=self.dtype)
+
+
+_aten = torch.ops.aten
+_LOW = (torch.bfloat16, torch.float16)
+
+
+def _real_cpu(*tensors) -> bool:
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return all(t is None or (t.device.type == "cpu" and not isinstance(t, FakeTensor)) for t in tensors)
+
+
+class LowPrecisionConvOnFloat32(TorchDispatchMode):
+    """Run 16-bit CPU convolutions (forward and backward) as float32 convolutions of the 16-bit inputs.
+
+    Sits below autograd, so the graph, the tensors it saves (16-bit) and every hook or
+    checkpoint see exactly what native 16-bit kernels would produce; only the arithmetic
+    is routed to the fast float32 kernels. Outputs are rounded to the 16-bit dtype, as
+    native kernels (which accumulate in float32) round theirs. Its float32 working
+    copies live only inside one operator and are not tensors of the model, so a memory
+    tracker entered after this mode does not count them.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is _aten.convolution.default:
+            x, w, b = args[0], args[1], args[2]
+            if x.dtype in _LOW and _real_cpu(x, w, b):
+                out = func(x.float(), w.float(), None if b is None else b.float(), *args[3:], **kwargs)
+                return out.to(x.dtype)
+        elif func is _aten.convolution_backward.default:
+            grad, x, w = args[0], args[1], args[2]
+            if grad.dtype in _LOW and _real_cpu(grad, x, w):
+                grads = func(grad.float(), x.float(), w.float(), *args[3:], **kwargs)
+                dtypes = (x.dtype, w.dtype, grad.dtype)
+                return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, dtypes))
+        return func(*args, **kwargs)
