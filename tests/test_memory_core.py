@@ -64,3 +64,13 @@ def test_phases_of_a_real_training_step():
     summary = tracker.summary(skip_steps=1)
     assert set(summary) == {"forward", "backward", "optimizer"}
     assert summary["forward"]["tensor_peak"] == tracker.records[3].metrics["tensor_peak"]
+
+
+def test_fake_tensor_estimate_equals_the_real_step():
+    from memtrain.memory.estimate import measure_step
+
+    real = measure_step("none", size=96, encoder="resnet18", fake=False)
+    fake = measure_step("none", size=96, encoder="resnet18", fake=True)
+    for phase in ("forward", "backward", "optimizer"):
+        assert abs(fake.peak(phase) - real.peak(phase)) <= 0.02 * real.peak(phase), phase
+    assert real.step_peak == max(real.peak(p) for p in ("forward", "backward", "optimizer"))
