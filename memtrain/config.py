@@ -52,7 +52,10 @@ class DataConfig:
     val_images: int = opt(12, help="phantom: number of validation images (the paper used 12)")
     val_fraction: float = opt(0.2, help="folder data: fraction of images held out for validation, chosen deterministically from file names and --data-seed")
     data_seed: int = opt(0, help="seed of the phantom generator and of the train/validation split (independent of --seed)")
-    workers: int = opt(0, help="data-loading worker processes (0 loads in the training process)")
+    workers: int = opt(
+        -1,
+        help="data-loading worker processes; 0 loads in the training process, -1 picks: up to 4 on CUDA, 0 on CPU (where workers compete with training for cores)",
+    )
 
 
 @dataclass(kw_only=True)
@@ -125,8 +128,9 @@ class FitConfig:
             raise ConfigError(f"--max-steps {self.train.max_steps}: expected a positive number of steps, or -1 for no limit")
         if not 0.0 < self.data.val_fraction < 1.0:
             raise ConfigError(f"--val-fraction {self.data.val_fraction}: expected a number between 0 and 1")
+        if self.data.workers < -1:
+            raise ConfigError(f"--workers {self.data.workers}: expected -1 (auto), 0 or more")
         for flag, value in (
-            ("--workers", self.data.workers),
             ("--samples", self.run.samples),
             ("--warmup-steps", self.memory.warmup_steps),
             ("--checkpoint-every-steps", self.train.checkpoint_every_steps),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning as L
 from torch.utils.data import DataLoader, Dataset
 
@@ -36,8 +38,16 @@ class RadiographDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.train_set, self.val_set = build_datasets(cfg)
 
+    @property
+    def workers(self) -> int:
+        if self.cfg.workers >= 0:
+            return self.cfg.workers
+        # On a GPU, generating/decoding large radiographs in the training process starves
+        # the device; on a CPU the workers would take cores from the training itself.
+        return min(4, max(1, (os.cpu_count() or 2) - 1)) if self.pin_memory else 0
+
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
-        workers = self.cfg.workers
+        workers = self.workers
         return DataLoader(
             ds,
             batch_size=self.batch_size,
