@@ -364,7 +364,8 @@ class Momentum(Strategy):
     def check(self, plan: Plan) -> None:
         # fp16, bf16: the exact arithmetic runs in float64/int64 and the recompute under the forward's autocast.
         # quant:int8/fp8: the stage state is kept off the saved-tensor hooks, so it is never quantized.
-        # quant:qat, checkpoint: recomputes replay BatchNorm/observer state from before the forward.
+        # checkpoint: recomputes replay BatchNorm state from before the forward (memtrain.strategies.recompute).
+        # quant:qat is rejected by quant's check (no int8 form of the velocity arithmetic).
         # offload: moves what autograd saves; the stage's exact state stays where it is.
         return None
 

@@ -1,7 +1,7 @@
 """``quant``: quantize what autograd saves (``quant:int8``, ``quant:fp8``), or quantization-aware training (``quant:qat``).
 
-**Saved-tensor quantization** (``quant:int8`` — the default of plain ``quant`` — and
-``quant:fp8``) changes nothing in the forward: the network computes exactly what it
+**Saved-tensor quantization** (``quant:fp8`` — the default of plain ``quant`` — and
+``quant:int8``) changes nothing in the forward: the network computes exactly what it
 computes without it. Only the copies autograd keeps for backward are stored in 8 bits
 (``torch.autograd.graph.saved_tensors_hooks`` around the model forward) and expanded
 again when backward needs them, so gradients are computed from slightly perturbed
@@ -23,10 +23,12 @@ Rounding keeps zero and sign: a nonzero value never rounds to 0 (it becomes ±1 
 so ReLU masks recovered from saved outputs are exact. A tensor saved by several ops
 (a ReLU output is saved by the ReLU and by the next convolution) is quantized once.
 
-Default ``int8`` rather than ``fp8``: for the same byte per element, int8's uniform grid
-gives activations after BatchNorm/ReLU a smaller error than e4m3's 3-bit mantissa
-(measured in ``tests/test_quant.py``: gradient cosine to float32, see README), and
-int8 storage works on every device.
+Default ``fp8`` rather than ``int8``: for the same byte per element, e4m3's floating
+grid keeps the many small post-BatchNorm/ReLU values that int8's uniform grid (one step
+= channel max / 127) rounds coarsely; measured on the U-Net ResNet18 at 64², 1 − cosine of
+the gradient to float32 is ~10× smaller with fp8 (``tests/test_quant.py`` asserts the
+order; numbers in the README). fp8 storage is a plain dtype cast, available on CPU and
+on every CUDA GPU (no fp8 arithmetic is needed).
 
 Memory saved: saved activations ×¼ in float32, ×½ under bf16/fp16 autocast (scales are
 per channel, a few bytes). Time paid: one quantize and one dequantize pass per saved
@@ -41,7 +43,9 @@ BasicBlock/Bottleneck ReLU is *one module used twice* (after bn1 and after the r
 add), so it is left unfused — fusing it would silently delete the second ReLU. Weights
 get per-channel symmetric int8 fake quantization, module outputs per-tensor affine
 uint8 fake quantization with moving-average observers, so the trained model can be
-converted with ``torch.ao.quantization.convert`` for int8 deployment. **QAT raises
+converted to an int8 model (:func:`convert_int8`, x86/fbgemm kernels). Residual blocks
+get torchvision's quantizable forward (the add+ReLU becomes an observed
+``FloatFunctional``) and the model input/output get Quant/DeQuant stubs. **QAT raises
 training memory** (every fake-quant op saves a mask, the fused ConvBn saves extra
 intermediates; measured in the README) and time; use it for a deployable int8 model,
 not to save memory. It changes the network function (quantization noise), so it is
@@ -65,6 +69,7 @@ from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+from torch.ao.nn.quantized import FloatFunctional
 from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, QConfig
 
 from memtrain.errors import StrategyError
@@ -229,47 +234,102 @@ def _fuse_groups(model: nn.Module) -> list[list[str]]:
     return groups
 
 
+def _quantizable_blocks(model: nn.Module) -> None:
+    """Give torchvision residual blocks their quantizable forward (torchvision.models.quantization), in place.
+
+    Same math; the residual add+ReLU becomes a ``FloatFunctional`` so it is observed in
+    training and becomes an int8 op at conversion. No parameters or buffers are added.
+    """
+    from torchvision.models.quantization.resnet import QuantizableBasicBlock, QuantizableBottleneck
+    from torchvision.models.resnet import BasicBlock, Bottleneck
+
+    for mod in model.modules():
+        if type(mod) is BasicBlock:
+            mod.__class__ = QuantizableBasicBlock
+            mod.add_relu = FloatFunctional()
+        elif type(mod) is Bottleneck:
+            mod.__class__ = QuantizableBottleneck
+            mod.skip_add_relu = FloatFunctional()
+            mod.relu1 = nn.ReLU(inplace=False)
+            mod.relu2 = nn.ReLU(inplace=False)
+
+
+def _quant_input(module, args):
+    return (module.quant(args[0]), *args[1:])
+
+
+def _dequant_output(module, args, out):
+    return module.dequant(out)
+
+
 def prepare_qat_model(model: nn.Module, who: str = "quant:qat") -> nn.Module:
-    """Fuse and insert fake-quant modules, in place; the model must be an smp U-Net with a ResNet encoder."""
-    from torch.ao.quantization import fuse_modules_qat, prepare_qat
+    """Make ``model`` (an smp U-Net with a ResNet encoder) quantization-aware, in place.
 
-    from memtrain.strategies.momentum import resnet_encoder
+    Residual blocks get torchvision's quantizable forward; the encoder input gets a
+    ``QuantStub`` and the segmentation head's output a ``DeQuantStub`` (as children
+    called from hooks, so the model keeps its structure and attribute paths); conv+BN
+    pairs are fused; fake-quant modules are inserted by ``prepare_qat``.
+    """
+    from torch.ao.quantization import DeQuantStub, QuantStub, fuse_modules_qat, prepare_qat
 
-    resnet_encoder(model, who)
+    from memtrain.strategies.momentum import momentum_stages, resnet_encoder
+
+    encoder = resnet_encoder(model, who)
+    if momentum_stages(model):
+        raise StrategyError(f"{who}: MomentumNet stages compute their velocity in float between blocks and have no int8 form; use quant:int8/fp8 with momentum")
+    head = model.segmentation_head
     was_training = model.training
     model.train()
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch.ao.quantization.*deprecated.*")
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
+        _quantizable_blocks(model)
         fuse_modules_qat(model, _fuse_groups(model), inplace=True)
+        encoder.quant = QuantStub()
+        encoder.register_forward_pre_hook(_quant_input)
+        head.dequant = DeQuantStub()
+        head.register_forward_hook(_dequant_output)
         model.qconfig = _qat_qconfig()
         prepare_qat(model, inplace=True)
     model.train(was_training)
     return model
 
 
+def convert_int8(model: nn.Module) -> nn.Module:
+    """The int8 inference model of a ``quant:qat``-trained model (a converted copy, in eval mode, CPU x86/fbgemm kernels)."""
+    import copy
+
+    from torch.ao.quantization import convert
+
+    q = copy.deepcopy(model).cpu().eval()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        convert(q, inplace=True)
+    return q
+
+
 @register
 class Quant(Strategy):
-    """8-bit storage of what autograd saves (``int8`` default, ``fp8``), or quantization-aware training (``qat``).
+    """8-bit storage of what autograd saves (``fp8`` default, ``int8``), or quantization-aware training (``qat``).
 
-    ``quant:int8`` / ``quant:fp8``: memory saved — saved activations ×¼ (float32) or ×½
+    ``quant:fp8`` / ``quant:int8``: memory saved — saved activations ×¼ (float32) or ×½
     (16-bit autocast); time paid — a quantize/dequantize pass per saved tensor; accuracy
-    risk — gradients from perturbed activations (int8: per-channel amax/127 steps), the
+    risk — gradients from perturbed activations (fp8: 3-bit mantissa, int8: per-channel amax/127 steps), the
     forward and loss unchanged. Parameters, non-float and tiny tensors, MomentumNet's
     exact state and the loss are never quantized. Works with any model.
 
     ``quant:qat``: quantization-aware training for an int8 deployment (fused conv-bn,
     torchvision's shared ReLU left unfused, per-channel int8 weights, uint8
-    activations). It **raises training memory and time** — it is for deployment, not for
-    saving memory. Works under bf16/fp16 autocast (fake-quant in float32). Needs an smp
+    activations; ``convert_int8`` gives the int8 model). It **raises training memory and
+    time** — it is for deployment, not for saving memory. Not with ``momentum``. Works under bf16/fp16 autocast (fake-quant in float32). Needs an smp
     U-Net with a ResNet encoder. Full text: ``memtrain/strategies/quant.py``.
     """
 
     name = "quant"
     stage = Stage.QUANTIZE
-    summary = "int8 (default) / fp8 storage of saved activations (x1/4 fp32, x1/2 amp); :qat = quantization-aware training for int8 deployment (RAISES memory)"
-    variants = ("int8", "fp8", "qat")
+    summary = "fp8 (default) / int8 storage of saved activations (x1/4 fp32, x1/2 amp); :qat = quantization-aware training for int8 deployment (RAISES memory)"
+    variants = ("fp8", "int8", "qat")
 
     def __init__(self, variant: str | None = None) -> None:
         super().__init__(variant)
@@ -281,6 +341,11 @@ class Quant(Strategy):
             raise StrategyError(
                 f"--strategies {plan.label}: {self.spec} and {offload.spec} both replace what autograd saves, "
                 "and PyTorch applies only the innermost saved-tensor hooks, so the quantization would silently not happen; pick one"
+            )
+        if self.variant == "qat" and plan.get("momentum") is not None:
+            raise StrategyError(
+                f"--strategies {plan.label}: quant:qat trains a model for int8 deployment, and MomentumNet stages compute their velocity in float "
+                "between blocks (no int8 form); use quant:int8 or quant:fp8 with momentum"
             )
         # checkpoint: tensors inside checkpointed regions are recomputed, the rest are quantized — exact composition.
         # quant:qat + checkpoint/momentum: their recomputes replay observer/BN state (memtrain.strategies.recompute).
