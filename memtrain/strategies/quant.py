@@ -103,21 +103,35 @@ class Quantized:
         return self.data.numel() * self.data.element_size() + self.scale.numel() * self.scale.element_size()
 
 
+CHUNK_NUMEL = 1 << 20  # quantize in slices of about this many elements: float32 temporaries stay ~4 MiB
+
+
+def _quantize_slice(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, qmax: float) -> torch.Tensor:
+    y = x.float() / scale
+    lost = (x != 0) & (y.abs() < (0.5 if dtype == torch.int8 else _FP8_TINY))  # nonzero values that would round to 0
+    if dtype == torch.int8:
+        y = y.round_()
+    y = torch.where(lost, torch.sign(x).float() * (1.0 if dtype == torch.int8 else _FP8_TINY), y)
+    return y.clamp_(-qmax, qmax).to(dtype)
+
+
 def quantize(t: torch.Tensor, fmt: str = "int8") -> Quantized:
-    """Per-channel (dim 1) symmetric 8-bit quantization that keeps zero and sign."""
+    """Per-channel (dim 1) symmetric 8-bit quantization that keeps zero and sign.
+
+    Works slice by slice along the channels so its float32 temporaries stay small next
+    to the tensor (the forward peak would otherwise grow by several copies of the
+    largest activation).
+    """
     dtype, qmax = FORMATS[fmt]
     x = t.detach()
     dims = tuple(d for d in range(x.dim()) if d != 1)
-    amax = x.abs().amax(dim=dims, keepdim=True).float()
+    amax = torch.maximum(x.amax(dim=dims, keepdim=True), -x.amin(dim=dims, keepdim=True)).float()
     scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
-    y = x.float() / scale
-    nonzero = x != 0
-    if dtype == torch.int8:
-        r = y.round_()
-        q = torch.where(nonzero & (r == 0), torch.sign(y), r).clamp_(-qmax, qmax).to(torch.int8)
-    else:
-        y = torch.where(nonzero & (y.abs() < _FP8_TINY), torch.sign(y) * _FP8_TINY, y)
-        q = y.clamp_(-qmax, qmax).to(dtype)
+    q = torch.empty(x.shape, dtype=dtype, device=x.device)
+    channels = x.shape[1]
+    step = max(1, CHUNK_NUMEL * channels // max(1, x.numel()))
+    for c in range(0, channels, step):
+        q[:, c : c + step] = _quantize_slice(x[:, c : c + step], scale[:, c : c + step], dtype, qmax)
     return Quantized(q, scale, t.dtype)
 
 
