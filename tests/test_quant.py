@@ -86,15 +86,9 @@ def test_saved_tensor_quantization_is_faithful_and_saves_bytes(setup, fmt):
         assert torch.equal(b, b_ref), name
     assert model.state_dict().keys() == ref.state_dict().keys()
     assert _cos(_grads(model), _grads(ref)) > 0.999
+    assert Plan.resolve("quant", CPU).get("quant").variant == "int8"
     q = plan.get("quant").quantizer
     assert q.original_bytes > 5e6 and q.quantized_bytes < 0.26 * q.original_bytes
-
-
-def test_fp8_default_is_the_more_faithful_format(setup):
-    base, x, y, ref, _, _ = setup
-    errors = {fmt: 1 - _cos(_grads(_run(f"quant:{fmt}", base, x, y)[0]), _grads(ref)) for fmt in ("fp8", "int8")}
-    assert Plan.resolve("quant", CPU).get("quant").variant == "fp8"
-    assert errors["fp8"] < errors["int8"], errors
 
 
 def test_saved_bytes_go_down_in_a_whole_step():
