@@ -12,9 +12,9 @@ ResNet exactly; with γ = 0.9 **the network computes a different function**: eac
 block's update is damped and carried forward as a velocity. Pretrained ResNet weights
 still load, but they compute something else. The forward equations can be run
 backwards, ``x_t = x_{t+1} − v_{t+1}``, ``v_t = (v_{t+1} − (1 − γ) f_t(x_t)) / γ``, so
-the stage keeps no activations for backward: only its output and the velocity (in an
-exact fixed-point representation) are stored, and each block is recomputed once in
-backward from the reconstructed input.
+the stage keeps no activations for backward: only its output and velocity, in an
+exact 2^-52 fixed point (int64, plus the velocity's int64 remainder store), and each
+block is recomputed once in backward from the reconstructed input.
 
 Faithfulness is therefore measured against the *same architecture without the memory
 trick* (``momentum:reference``: the same equations with ordinary autograd, which saves
@@ -35,6 +35,10 @@ Defects of ``momentumnet`` 0.10 and what memtrain does about each:
 * **Inexact division for negative values.** Its rational multiply pairs a floor
   remainder with a truncating division, so negative velocities come back off by a few
   units in the last place and the remainder store drifts. Fixed: floor division.
+* **Inexact position update.** ``x + v`` undone as ``x − v`` in floating point is off by
+  an ulp; under bf16 autocast that flips the 16-bit rounding of some block inputs and
+  the inversion drifts by whole bf16 units. Fixed: x is carried in the same exact fixed
+  point as v, so every recomputed block sees its forward input bit for bit.
 * **BatchNorm statistics updated 2–3× per step** (forward, recompute, and again under
   checkpointing). Fixed: the stage's buffers are captured before the forward and
   replayed during the recompute (:class:`memtrain.strategies.recompute.StateSnapshot`),
@@ -51,9 +55,10 @@ subsample kept from the forward; a relative error above
 :data:`RECONSTRUCTION_TOLERANCE` raises :class:`~memtrain.errors.StrategyError`.
 The latest error of each stage is in ``stage.last_reconstruction_error``.
 
-Memory saved: the activations saved by every invertible block (4–5 feature maps per
-BasicBlock) become one float32 output + two int64 maps per stage; on a U-Net the
-encoder holds ~30 % of the saved activations, of which the invertible blocks are most.
+Memory saved: the activations saved by every invertible block (~4 feature maps per
+BasicBlock, 16 B/element in float32) become three int64 maps per stage (24 B/element);
+it pays off for stages of 2+ invertible blocks (ResNet34: 3, 3, 5, 2), not for
+ResNet18's one-block stages. On a U-Net the encoder holds ~30 % of the saved activations.
 Time paid: every invertible block runs its forward twice (~+1/3 encoder compute).
 Accuracy risk: a different network (γ); inversion error is ~1e-7 relative in float32.
 
