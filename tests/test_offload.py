@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -90,18 +91,27 @@ def test_offload_copies_each_activation_once_and_no_parameters():
         assert w1.grad.shape == w1.shape and x.grad.shape == x.shape
 
 
-def test_offload_composes_with_saved_tensor_hooks_already_active():
+@dataclasses.dataclass
+class _Packed:
+    data: torch.Tensor
+    tag: str
+
+
+@pytest.mark.parametrize("container", ["tuple", "dataclass"])
+def test_offload_composes_with_saved_tensor_hooks_already_active(container):
     """Saved-tensor quantization (or any outer pack hook) runs first; offload moves what it packed and hands it back."""
     packed, unpacked = [], []
 
     def pack(t):
         packed.append(t.shape)
-        return ("outer", t * 1)  # a new tensor: what offload must move
+        new = t * 1  # a new tensor: what offload must move
+        return ("outer", new) if container == "tuple" else _Packed(new, "outer")
 
     def unpack(p):
-        assert p[0] == "outer"
-        unpacked.append(p[1].device)
-        return p[1]
+        tag, data = (p[0], p[1]) if container == "tuple" else (p.tag, p.data)
+        assert tag == "outer"
+        unpacked.append(data.device)
+        return data
 
     with FakeTensorMode():
         w = torch.nn.Parameter(torch.randn(4, 1, 3, 3))

@@ -169,13 +169,15 @@ class Region:
 
 # -- U-Net region programs ------------------------------------------------------------------------
 def _manages_own_memory(module: nn.Module) -> bool:
+    """A module whose backward already recomputes instead of storing (checkpointing it would recompute twice)."""
     if getattr(module, "manages_activation_memory", False):
         return True
     try:
         from momentumnet import MomentumNet
     except ImportError:  # pragma: no cover - momentumnet is a dependency
         return False
-    return isinstance(module, MomentumNet)
+    # momentumnet's MomentumNet inverts its stage in backward; a subclass may switch that off (`invertible = False`).
+    return isinstance(module, MomentumNet) and getattr(module, "invertible", True)
 
 
 def _stem(enc, x):
@@ -193,7 +195,10 @@ def _chain(*fns):
 
 def _stage_regions(layer: nn.Module, pre: nn.Module | None, g: Granularity, name: str) -> list:
     """The callables one encoder stage runs, in order: Regions, or modules left as they are."""
-    units = list(layer) if (g.blocks and isinstance(layer, nn.Sequential)) else [layer]
+    # A stage holding a module that manages its own memory (e.g. MomentumNet) is split into its units
+    # whatever the granularity, so that module is left alone and the rest is still checkpointed.
+    split = g.blocks or any(_manages_own_memory(m) for m in layer.modules())
+    units = list(layer) if (split and isinstance(layer, nn.Sequential)) else [layer]
     steps: list = []
     for i, unit in enumerate(units):
         fns = [pre, unit] if (i == 0 and pre is not None) else [unit]

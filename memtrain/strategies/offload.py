@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import torch
@@ -35,7 +36,8 @@ class OffloadSavedTensors(saved_tensors_hooks):
       a host copy would free nothing.
     * A tensor saved by several operators (a U-Net skip feature, a checkpoint region's input) is copied once.
     * Hooks that were active when this context was entered (e.g. saved-tensor quantization) run first; the
-      tensors they pack are what is moved to the host, and they unpack what is moved back.
+      tensors they pack (also inside tuples, lists, dicts and dataclasses) are what is moved to the host, and
+      they unpack what is moved back. (PyTorch itself applies only the innermost saved-tensor hooks.)
     * Under fake tensors (memory estimates) the host copy is a ``meta`` tensor: estimates then count the
       device-side bytes a GPU would hold.
     """
@@ -57,6 +59,8 @@ class OffloadSavedTensors(saved_tensors_hooks):
 
     # -- one tensor ------------------------------------------------------------------
     def _to_host(self, t):
+        if dataclasses.is_dataclass(t) and not isinstance(t, type):  # e.g. a quantized tensor and its scale
+            return dataclasses.replace(t, **{f.name: self._to_host(getattr(t, f.name)) for f in dataclasses.fields(t) if f.init})
         if not isinstance(t, torch.Tensor) or isinstance(t, nn.Parameter) or (t.is_leaf and t.requires_grad):
             return t
         if t.device.type == "cpu" and not _is_fake(t):
@@ -74,6 +78,8 @@ class OffloadSavedTensors(saved_tensors_hooks):
         return packed
 
     def _to_device(self, p):
+        if dataclasses.is_dataclass(p) and not isinstance(p, type):
+            return dataclasses.replace(p, **{f.name: self._to_device(getattr(p, f.name)) for f in dataclasses.fields(p) if f.init})
         if not isinstance(p, _Host):
             return p
         if _is_fake(p.tensor):
