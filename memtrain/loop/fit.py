@@ -68,7 +68,8 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
 
     L.seed_everything(cfg.train.seed, workers=True, verbose=False)
     datamodule = RadiographDataModule(cfg.data, batch_size=cfg.train.batch_size, pin_memory=env.device == "cuda")
-    model = build_model(cfg.model)
+    # Strategies that restructure or wrap the model check its structure here, before anything is written.
+    model = plan.apply(build_model(cfg.model))
 
     if resume is None:
         run_dir = new_run_dir(cfg.run.out)
@@ -76,7 +77,6 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
     atomic_write_text(run_dir / CONFIG_NAME, dump_yaml(cfg))
     print(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})", flush=True)
 
-    model = plan.apply(model)
     module = EnhancementModule(model, plan, cfg.train, samples=cfg.run.samples, config=to_dict(cfg))
 
     device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")

@@ -34,7 +34,9 @@ class LiveTensorBytes:
         self.peak = 0
 
     def track(self, t: torch.Tensor) -> None:
-        """Count ``t``'s storage if it is not counted yet."""
+        """Count ``t``'s storage if it is not counted yet (``meta`` tensors hold no memory and are not counted)."""
+        if t.device.type == "meta":
+            return
         try:
             storage = t.untyped_storage()
         except (RuntimeError, NotImplementedError):  # sparse or storage-less tensors
