@@ -30,9 +30,10 @@ forward restored for the recompute, so outputs and gradients are those of the pl
 (bitwise on CPU in float32). Recomputation would run every stateful module a second time —
 plain ``torch.utils.checkpoint`` updates BatchNorm ``running_mean``/``running_var`` and
 ``num_batches_tracked`` twice per step. memtrain snapshots each region's buffers before its
-forward and runs the recompute on copies of that snapshot: the recompute sees exactly the
-state the forward saw (observers and fake-quant modules included) and its writes go to
-throw-away copies, so the real buffers are updated once, as without checkpointing.
+forward and replays that snapshot during the recompute (:mod:`memtrain.strategies.recompute`,
+shared with MomentumNet): the recompute sees exactly the state the forward saw (observers and
+fake-quant modules included), and afterwards the buffers hold what the forward left, so they
+are updated once, as without checkpointing.
 
 Modules that already manage their activation memory (a momentumnet ``MomentumNet``, or any
 module with ``manages_activation_memory = True``) are left as they are. The model's
@@ -54,6 +55,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from memtrain.errors import StrategyError
 from memtrain.strategies.base import Stage, Strategy
+from memtrain.strategies.recompute import checkpoint_context_fn
 from memtrain.strategies.registry import register
 
 _aten = torch.ops.aten
@@ -84,42 +86,6 @@ GRANULARITIES = {
 
 
 # -- one region ------------------------------------------------------------------------------
-class _BufferSnapshot:
-    """Forward-side context: remembers the region's buffers as they were before its forward."""
-
-    def __init__(self, modules: tuple[nn.Module, ...]) -> None:
-        self.modules = modules
-        self.state: list[tuple[nn.Module, str, torch.Tensor]] = []
-
-    def __enter__(self):
-        with torch.no_grad():
-            self.state = [(m, name, b.clone()) for m in self.modules for name, b in m._buffers.items() if b is not None]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        return None
-
-
-class _ReplayOnSnapshot:
-    """Recompute-side context: the region's modules see copies of the snapshot; the real buffers are untouched."""
-
-    def __init__(self, snapshot: _BufferSnapshot) -> None:
-        self.snapshot = snapshot
-        self.real: list[tuple[nn.Module, str, torch.Tensor]] = []
-
-    def __enter__(self):
-        with torch.no_grad():
-            for m, name, before in self.snapshot.state:
-                self.real.append((m, name, m._buffers[name]))
-                m._buffers[name] = before.clone()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for m, name, real in reversed(self.real):
-            m._buffers[name] = real
-        self.real.clear()
-
-
 def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in KEPT_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
@@ -154,11 +120,13 @@ class Region:
         return f"<checkpoint region {self.name}{' (selective)' if self.selective else ''}>"
 
     def _contexts(self):
-        snapshot = _BufferSnapshot(self.stateful)
+        # The recompute replays the buffers the forward saw (see strategies/recompute.py), so BatchNorm
+        # statistics advance exactly once per step and QAT observers do not observe twice.
+        forward_ctx, recompute_ctx = checkpoint_context_fn(self.stateful)()
         if self.selective:
             caching, cached = create_selective_checkpoint_contexts(_keep_expensive)
-            return _entered(snapshot, caching), _entered(_ReplayOnSnapshot(snapshot), cached)
-        return snapshot, _ReplayOnSnapshot(snapshot)
+            return _entered(forward_ctx, caching), _entered(recompute_ctx, cached)
+        return forward_ctx, recompute_ctx
 
     def __call__(self, *args, **kwargs):
         if not torch.is_grad_enabled():  # validation / inference: nothing is saved anyway

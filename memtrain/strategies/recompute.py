@@ -106,10 +106,10 @@ class StateSnapshot:
             self._load(live)
 
 
-def checkpoint_context_fn(module: nn.Module):
-    """A ``context_fn`` for non-reentrant ``torch.utils.checkpoint.checkpoint`` of ``module``.
+def checkpoint_context_fn(module: nn.Module | Iterable[nn.Module]):
+    """A ``context_fn`` for non-reentrant ``torch.utils.checkpoint.checkpoint`` of ``module`` (or modules).
 
-    The forward context captures ``module``'s buffers; the recompute context replays
+    The forward context captures the modules' buffers; the recompute context replays
     them (see :class:`StateSnapshot`). Usage::
 
         checkpoint(module, x, use_reentrant=False, context_fn=checkpoint_context_fn(module))
