@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
         if not torch.cuda.is_available():
             raise ConfigError("--device cuda: no CUDA device is available (use 'auto' or 'cpu')")
-    _check_encoder(args.encoder)
     limit = parse_bytes(args.cpu_memory_limit, "--cpu-memory-limit") if args.cpu_memory_limit else None
+    _check_encoder(args.encoder)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")

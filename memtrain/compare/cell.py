@@ -68,7 +68,9 @@ def run_cell(spec: dict) -> dict:
         result["plan"] = plan.label
         result["warnings"] = sorted({" ".join(str(w.message).split()) for w in caught})
         device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
-        xs, ys = zip(*(PhantomDataset(seed=0, first=i, count=1, size=spec["size"])[0] for i in range(spec["batch_size"])))
+        # Up to 4 distinct phantoms, repeated to the batch size (memory does not depend on pixel values).
+        pairs = [PhantomDataset(seed=0, first=i, count=1, size=spec["size"])[0] for i in range(min(4, spec["batch_size"]))]
+        xs, ys = zip(*(pairs[i % len(pairs)] for i in range(spec["batch_size"])))
         if spec.get("cpu_memory_limit") and device.type == "cpu":
             _limit_address_space(int(spec["cpu_memory_limit"]))
         tracker = MemoryTracker(device)

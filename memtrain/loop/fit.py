@@ -137,13 +137,18 @@ def choose_strategies(cfg: FitConfig, env) -> list[str]:
 
     budget = parse_bytes(cfg.memory.budget, "--memory-budget")
     planner = Planner(size=cfg.data.size, batch_size=cfg.train.batch_size, encoder=cfg.model.encoder, env=env, budget=budget)
+    if budget <= planner.headroom:
+        raise StrategyError(
+            f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget}: it is not more than the {fmt_bytes(planner.headroom)}"
+            " headroom kept for the CUDA context and workspaces"
+        )
     best = planner.choose()
     if best is None:
         measured = [c for c in planner.measured if c.memory is not None]
         least = min(measured, key=lambda c: c.step_peak, default=None)
         hint = f"; the smallest, {least.strategies}, needs {fmt_bytes(planner.required(least.step_peak))}" if least else ""
         raise StrategyError(
-            f"--strategies auto: no strategy combination fits --memory-budget {cfg.memory.budget} at --size {cfg.data.size},"
+            f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget} at --size {cfg.data.size},"
             f" --batch-size {cfg.train.batch_size}{hint} (see `memtrain plan --size {cfg.data.size} --budget {cfg.memory.budget}`)"
         )
     print(

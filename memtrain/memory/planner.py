@@ -139,6 +139,7 @@ class Planner:
         self.jobs = max(1, jobs)
         self._cache: dict[str, StepMemory | str] = {}
         self.measured: list[Candidate] = []  # what choose() estimated
+        self.neutral: set[str] = set()  # memory-neutral strategies found by estimate()
 
     # -- candidates
     def candidates(self, combos: list[str] | None = None) -> list[Candidate]:
@@ -176,6 +177,8 @@ class Planner:
 
     def _neutral(self, names: list[str]) -> set[str]:
         """Strategies whose own estimate equals ``none``'s in every phase (they change no memory)."""
+        if not names:
+            return set()
         self._run(["none", *names])
         base = self._cache["none"]
         if not isinstance(base, StepMemory):
@@ -191,10 +194,9 @@ class Planner:
         """Fill in every candidate's estimate and verdict (memory-neutral strategies reuse estimates)."""
         ok = [c for c in candidates if c.status == "ok"]
         singles = sorted({n for c in ok for n in c.strategies.split(",") if n != "none"})
-        neutral = self._neutral(singles)
+        self.neutral = self._neutral(singles)
         for c in ok:
-            names = [n for n in c.strategies.split(",") if n not in neutral]
-            c.measured_as = ",".join(names) or "none"
+            c.measured_as = self._memory_key(c)
         self._run([c.measured_as for c in ok])
         for c in ok:
             result = self._cache[c.measured_as]
@@ -202,6 +204,10 @@ class Planner:
                 c.measured_as = None
             self._settle(c, result)
         return candidates
+
+    def _memory_key(self, c: Candidate) -> str:
+        """The combination whose estimate ``c`` shares: ``c`` without the known memory-neutral strategies."""
+        return ",".join(n for n in c.strategies.split(",") if n not in self.neutral) or "none"
 
     def _settle(self, c: Candidate, result: StepMemory | str) -> None:
         if isinstance(result, StepMemory):
@@ -227,9 +233,9 @@ class Planner:
         cands = [c for c in self.candidates(combos) if c.status == "ok"]
         for _cost, group in itertools.groupby(sorted(cands, key=lambda c: c.time_cost), key=lambda c: c.time_cost):
             group = list(group)
-            self._run([c.strategies for c in group])
+            self._run([self._memory_key(c) for c in group])
             for c in group:
-                self._settle(c, self._cache[c.strategies])
+                self._settle(c, self._cache[self._memory_key(c)])
             self.measured.extend(group)
             fitting = sorted((c for c in group if c.fits), key=lambda c: c.step_peak)
             if fitting:
