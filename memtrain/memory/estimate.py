@@ -107,7 +107,7 @@ def measure_step(
     tracker = MemoryTracker(torch_device, backends=backends, blocks=blocks)
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
     try:
-        with run_plan.session(), fake_mode:
+        with fake_mode, run_plan.session():
             train = TrainStep(run_plan, model_cfg=ModelConfig(encoder=encoder), device=torch_device, foreach=env.device == "cuda", scaler=not fake)
             x = torch.rand(batch_size, 1, size, size, device=torch_device)
             y = torch.rand(batch_size, 1, size, size, device=torch_device)

@@ -70,7 +70,7 @@ class MemoryCallback(L.Callback):
         self.tracker.end_step()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
-        self.tracker.end_step()
+        self.tracker.close()
         self._write()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:

@@ -67,7 +67,11 @@ class AMP(Strategy):
             raise StrategyError("amp:bf16: this GPU has no native bf16 (needs compute capability 8.0+); use amp:fp16")
 
     def session(self):
-        if self.env.device == "cpu" and not self.env.native_bf16:
+        from torch._guards import active_fake_mode
+
+        # Under fake tensors (memory estimates) no kernel runs, so there is nothing to reroute,
+        # and the extra dispatch layer would only slow the estimate down.
+        if self.env.device == "cpu" and not self.env.native_bf16 and active_fake_mode() is None:
             return LowPrecisionConvOnFloat32()
         return contextlib.nullcontext()
 
