@@ -26,6 +26,8 @@ from memtrain.errors import ConfigError
 
 # The U-Net downsamples five times, so every side must be divisible by 2**5.
 SIZE_MULTIPLE = 32
+# `--strategies auto`: the planner picks the fastest combination that fits --memory-budget.
+AUTO = "auto"
 
 
 def opt(default: Any = MISSING, *, help: str, flag: str | None = None, choices=None, factory=None):
@@ -93,6 +95,16 @@ class MemoryConfig:
 
     track: bool = opt(True, flag="--memory", help="record forward/backward/optimizer peak memory of every step into memory.csv")
     warmup_steps: int = opt(1, help="steps left out of the end-of-run memory summary (allocator and optimizer-state warm-up)")
+    budget: str | None = opt(
+        None,
+        flag="--memory-budget",
+        help="device memory for '--strategies auto', e.g. 8GiB, 8GB, 512MiB or bytes: the fastest strategy combination whose estimated step fits is used",
+    )
+    snapshot: str | None = opt(
+        None,
+        flag="--memory-snapshot",
+        help="CUDA: write torch's allocator snapshot (every allocation with its stack) to FILE, for https://pytorch.org/memory_viz; relative to the run directory",
+    )
 
 
 @dataclass(kw_only=True)
@@ -107,7 +119,9 @@ class RunConfig:
 class FitConfig:
     """Everything `memtrain fit` needs; sections mirror the YAML layout."""
 
-    strategies: list[str] = opt(help="comma-separated memory strategies, e.g. 'amp,checkpoint' (see `memtrain strategies`)", factory=lambda: ["none"])
+    strategies: list[str] = opt(
+        help="comma-separated memory strategies, e.g. 'amp,checkpoint' (see `memtrain strategies`), or 'auto' with --memory-budget", factory=lambda: ["none"]
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -139,6 +153,17 @@ class FitConfig:
                 raise ConfigError(f"{flag} {value}: expected 0 or more")
         if not self.strategies:
             raise ConfigError("--strategies: expected at least one strategy name (use 'none' for the plain model)")
+        if self.memory.budget is not None:
+            from memtrain.memory.units import parse_bytes
+
+            parse_bytes(self.memory.budget, "--memory-budget")
+        if AUTO in self.strategies:
+            if len(self.strategies) > 1:
+                raise ConfigError(
+                    f"--strategies {','.join(self.strategies)}: 'auto' chooses the whole combination and cannot be combined with other strategies"
+                )
+            if self.memory.budget is None:
+                raise ConfigError("--strategies auto: needs --memory-budget (e.g. --memory-budget 8GiB) to choose strategies that fit")
         return self
 
 

@@ -13,7 +13,7 @@ import warnings
 
 from memtrain.errors import MemtrainError
 
-SUBCOMMANDS = ("fit", "strategies")
+SUBCOMMANDS = ("fit", "plan", "compare", "strategies")
 
 
 class UsageError(MemtrainError):

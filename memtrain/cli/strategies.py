@@ -17,9 +17,12 @@ def run(args) -> int:
 
     items = sorted(registered().values(), key=lambda c: (c.stage, c.name))
     print("strategies (apply order: " + " -> ".join(s.name.lower() for s in Stage) + "; combine with commas, e.g. --strategies amp,checkpoint)")
+    print("time: expected step time relative to 'none' (the declared time_cost that `memtrain plan` orders by)")
     for cls in items:
         variants = ", ".join(f"{cls.name}:{v}" for v in cls.variants[1:] if v) if cls.variants else ""
-        print(f"  {cls.name:<12} [{cls.stage.name.lower()}] {cls.summary}" + (f" (variants: {variants})" if variants else ""))
+        cpu = cls.time_cost if cls.time_cost_cpu is None else cls.time_cost_cpu
+        cost = f"time x{cls.time_cost:.2f} GPU" + (f", x{cpu:.2f} CPU" if cpu != cls.time_cost else "")
+        print(f"  {cls.name:<12} [{cls.stage.name.lower()}; {cost}] {cls.summary}" + (f" (variants: {variants})" if variants else ""))
         if args.verbose:
             doc = inspect.cleandoc(cls.__doc__ or "")
             print("".join(f"      {line}\n" for line in doc.splitlines()))

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from memtrain.config import FitConfig, dump_yaml, to_dict
-from memtrain.errors import ConfigError
+from memtrain.config import AUTO, FitConfig, dump_yaml, to_dict
+from memtrain.errors import ConfigError, StrategyError
 from memtrain.rundir import CONFIG_NAME, atomic_write_text, new_run_dir
 
 CHECKPOINT_DIR = "checkpoints"
@@ -45,6 +45,7 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
     from memtrain.data.module import RadiographDataModule
     from memtrain.loop.callbacks import MetricsCSV, SampleImages
     from memtrain.loop.module import EnhancementModule
+    from memtrain.memory.cuda import allocator_snapshot
     from memtrain.memory.lightning import MemoryCallback
     from memtrain.memory.tracker import MemoryTracker
     from memtrain.model import build_model
@@ -57,6 +58,8 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
     if cfg.train.accelerator == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--accelerator cuda: no CUDA device is available (use 'auto' or 'cpu')")
     env = Environment.detect(cfg.train.accelerator)
+    if cfg.strategies == [AUTO]:
+        cfg.strategies = choose_strategies(cfg, env)
     plan = Plan.resolve(cfg.strategies, env)
 
     ckpt_path = None
@@ -80,7 +83,7 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
     module = EnhancementModule(model, plan, cfg.train, samples=cfg.run.samples, config=to_dict(cfg))
 
     device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
-    memory = MemoryCallback(MemoryTracker(device), run_dir / "memory.csv", warmup_steps=cfg.memory.warmup_steps)
+    memory = MemoryCallback(MemoryTracker(device), run_dir / "memory.csv", blocks_csv_path=run_dir / "memory_blocks.csv", warmup_steps=cfg.memory.warmup_steps)
     ckpt_dir = run_dir / CHECKPOINT_DIR
     callbacks = [
         ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False),
@@ -118,10 +121,42 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
         deterministic=(True if env.device == "cpu" else "warn") if cfg.train.deterministic else None,
         benchmark=False if cfg.train.deterministic else None,
     )
-    with plan.session():
+    snapshot = allocator_snapshot(run_dir / cfg.memory.snapshot if cfg.memory.snapshot else None, device)
+    with plan.session(), snapshot:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    if getattr(snapshot, "written", None):
+        print(f"memtrain: allocator snapshot in {snapshot.written} (open it at https://pytorch.org/memory_viz)")
     _print_outcome(run_dir)
     return run_dir
+
+
+def choose_strategies(cfg: FitConfig, env) -> list[str]:
+    """`--strategies auto`: the fastest combination whose estimated step fits --memory-budget (see memtrain.memory.planner)."""
+    from memtrain.memory.planner import Planner
+    from memtrain.memory.units import fmt_bytes, parse_bytes
+
+    budget = parse_bytes(cfg.memory.budget, "--memory-budget")
+    planner = Planner(size=cfg.data.size, batch_size=cfg.train.batch_size, encoder=cfg.model.encoder, env=env, budget=budget)
+    if budget <= planner.headroom:
+        raise StrategyError(
+            f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget}: it is not more than the {fmt_bytes(planner.headroom)}"
+            " headroom kept for the CUDA context and workspaces"
+        )
+    best = planner.choose()
+    if best is None:
+        measured = [c for c in planner.measured if c.memory is not None]
+        least = min(measured, key=lambda c: c.step_peak, default=None)
+        hint = f"; the smallest, {least.strategies}, needs {fmt_bytes(planner.required(least.step_peak))}" if least else ""
+        raise StrategyError(
+            f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget} at --size {cfg.data.size},"
+            f" --batch-size {cfg.train.batch_size}{hint} (see `memtrain plan --size {cfg.data.size} --budget {cfg.memory.budget}`)"
+        )
+    print(
+        f"memtrain: --strategies auto: {best.strategies} (estimated step peak {fmt_bytes(best.step_peak)}, needs {fmt_bytes(planner.required(best.step_peak))}"
+        f" of {fmt_bytes(budget)}; expected step time x{best.time_cost:.2f} of 'none')",
+        flush=True,
+    )
+    return best.strategies.split(",")
 
 
 def _print_outcome(run_dir: Path) -> None:
@@ -138,4 +173,4 @@ def _print_outcome(run_dir: Path) -> None:
             f"epoch {r['epoch']}: val MS-SSIM {float(r['val_msssim']):.4f} (identity {float(r['identity_msssim']):.4f}), "
             f"PSNR {float(r['val_psnr']):.2f} dB (identity {float(r['identity_psnr']):.2f} dB)"
         )
-    print(f"memtrain: outputs in {run_dir}: config.yaml, metrics.csv, memory.csv, checkpoints/, samples/")
+    print(f"memtrain: outputs in {run_dir}: config.yaml, metrics.csv, memory.csv, memory_blocks.csv, checkpoints/, samples/")

@@ -81,6 +81,11 @@ class Strategy:
     stage: ClassVar[Stage]
     summary: ClassVar[str]  # one line for `memtrain strategies`
     variants: ClassVar[tuple[str, ...]] = ()  # accepted ':variant' suffixes; the first is the default
+    # Expected step time relative to `none` (1.0; 1.3 = 30 % slower, 0.6 = 40 % faster) on a
+    # CUDA GPU, and on a CPU where that differs (None: the same). `memtrain plan` orders
+    # combinations by the product over their strategies; state the basis in the docstring.
+    time_cost: ClassVar[float] = 1.0
+    time_cost_cpu: ClassVar[float | None] = None
 
     def __init__(self, variant: str | None = None) -> None:
         self.variant = variant if variant is not None else (self.variants[0] if self.variants else None)
@@ -93,6 +98,12 @@ class Strategy:
 
     def __repr__(self) -> str:
         return f"<strategy {self.spec}>"
+
+    def relative_time(self) -> float:
+        """``time_cost`` for the bound environment's device (``time_cost_cpu`` on a CPU when set)."""
+        if self.env.device == "cpu" and self.time_cost_cpu is not None:
+            return self.time_cost_cpu
+        return self.time_cost
 
     # -- resolution --------------------------------------------------------------
     def bind(self, env: Environment) -> None:

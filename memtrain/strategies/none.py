@@ -18,3 +18,4 @@ class NoStrategy(Strategy):
     name = "none"
     stage = Stage.PRECISION
     summary = "plain float32 model; the reference for memory and accuracy"
+    time_cost = 1.0

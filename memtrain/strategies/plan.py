@@ -64,6 +64,14 @@ class Plan:
     def __repr__(self) -> str:
         return f"Plan({self.label})"
 
+    @property
+    def time_cost(self) -> float:
+        """Expected step time relative to the plain model: the product of the strategies' ``relative_time()``."""
+        cost = 1.0
+        for s in self.strategies:
+            cost *= s.relative_time()
+        return cost
+
     # -- application -------------------------------------------------------------------
     def apply(self, model: torch.nn.Module) -> torch.nn.Module:
         """Run every model transform in stage order."""

@@ -1,0 +1,1 @@
+"""`memtrain compare`: strategy combinations × sizes, each cell in its own process, as CSV/JSON/Markdown/PNG."""

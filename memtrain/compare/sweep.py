@@ -1,0 +1,173 @@
+"""A comparison sweep: every (strategy combination, size) cell in a fresh subprocess.
+
+A fresh process per cell means one cell's allocator cache, fragmentation, CUDA context
+state or out-of-memory error cannot touch the next. The parent never initialises CUDA
+(it would hold a context on the GPU the cells measure). A cell that runs past
+``cell_timeout`` is killed and recorded as ``error``; a cell killed by SIGKILL that
+memtrain did not kill (the kernel's OOM killer) as ``oom``. The outputs are rewritten
+after every cell, so an interrupted sweep keeps the cells it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memtrain.config import check_size
+from memtrain.errors import ConfigError, MemtrainError
+
+DEFAULT_CELL_TIMEOUT_S = 1800
+
+
+@dataclass
+class Sweep:
+    """What to compare and how."""
+
+    combos: list[str]
+    sizes: list[int]
+    out: Path
+    steps: int = 3
+    batch_size: int = 1
+    encoder: str = "resnet34"
+    device: str = "auto"
+    lr: float = 1e-3
+    cell_timeout: float = DEFAULT_CELL_TIMEOUT_S
+    cpu_memory_limit: int | None = None
+    rows: list[dict] = field(default_factory=list)
+
+    def spec(self, combo: str, size: int) -> dict:
+        return {
+            "strategies": combo,
+            "size": size,
+            "batch_size": self.batch_size,
+            "encoder": self.encoder,
+            "steps": self.steps,
+            "device": self.device,
+            "lr": self.lr,
+            "cpu_memory_limit": self.cpu_memory_limit,
+        }
+
+
+def parse_combos(text: str, flag: str = "--strategies") -> list[str]:
+    """``"none;amp;checkpoint,momentum"`` → ``["none", "amp", "checkpoint,momentum"]``; unknown names are an error."""
+    from memtrain.strategies import create
+
+    combos = []
+    for part in text.split(";"):
+        names = [n.strip() for n in part.split(",") if n.strip()]
+        if not names:
+            continue
+        for name in names:
+            try:
+                create(name)
+            except MemtrainError as e:
+                raise ConfigError(f"{flag} {text!r}: {str(e).removeprefix('--strategies: ')}") from None
+        combos.append(",".join(names))
+    if not combos:
+        raise ConfigError(f"{flag} {text!r}: expected ';'-separated combinations of ','-joined strategies, e.g. 'none;amp;amp,checkpoint'")
+    return list(dict.fromkeys(combos))
+
+
+def parse_sizes(text: str, flag: str = "--sizes") -> list[int]:
+    sizes = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            size = int(part)
+        except ValueError:
+            raise ConfigError(f"{flag} {text}: expected comma-separated image sides in pixels, e.g. 512,1024,2048") from None
+        sizes.append(check_size(size, flag))
+    if not sizes:
+        raise ConfigError(f"{flag} {text!r}: expected at least one size, e.g. 512,1024,2048")
+    return list(dict.fromkeys(sizes))
+
+
+def precheck(combo: str, device: str) -> str | None:
+    """Why ``combo`` is rejected here, judged without touching CUDA (None: let the cell decide)."""
+    import torch
+
+    from memtrain.strategies import Environment, Plan
+
+    target = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
+    import warnings
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            Plan.resolve(combo, Environment(device=target, native_bf16=True))
+    except MemtrainError as e:
+        return str(e)
+    return None
+
+
+def _package_root() -> str:
+    import memtrain
+
+    return str(Path(memtrain.__file__).resolve().parents[1])
+
+
+def run_cell_process(spec: dict, timeout: float) -> dict:
+    """Run one cell in a fresh ``python -m memtrain compare --cell`` process; failures come back as results."""
+    base = {"strategies": spec["strategies"], "size": spec["size"], "batch_size": spec["batch_size"], "phase": ""}
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _package_root() + os.pathsep + env.get("PYTHONPATH", "")
+    with tempfile.TemporaryDirectory(prefix="memtrain-cell-") as tmp:
+        out = Path(tmp) / "cell.json"
+        cmd = [sys.executable, "-m", "memtrain", "compare", "--cell", json.dumps(spec), "--cell-out", str(out)]
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            return base | {"status": "error", "reason": f"timed out after {timeout:g} s (--cell-timeout); killed"}
+        if out.exists():
+            return json.loads(out.read_text())
+        if proc.returncode == -signal.SIGKILL:
+            return base | {"status": "oom", "reason": "the cell was killed by SIGKILL (the kernel's out-of-memory killer?)"}
+        lines = [ln for ln in (stderr or "").strip().splitlines() if ln.strip()]
+        return base | {"status": "error", "reason": f"the cell exited with code {proc.returncode}: {lines[-1][:300] if lines else 'no output'}"}
+
+
+def run_sweep(sweep: Sweep, *, log=print) -> list[dict]:
+    """Run every cell (sizes outer, combinations inner), writing the outputs after each; returns the rows."""
+    from memtrain.compare.environment import host_environment
+    from memtrain.compare.report import finalize, write_outputs
+
+    host = host_environment()
+    results: list[dict] = []
+    total = len(sweep.sizes) * len(sweep.combos)
+    n = 0
+    for size in sweep.sizes:
+        for combo in sweep.combos:
+            n += 1
+            t0 = time.perf_counter()
+            reason = precheck(combo, sweep.device)
+            if reason is not None:
+                result = {"strategies": combo, "size": size, "batch_size": sweep.batch_size, "status": "rejected", "phase": "", "reason": reason}
+            else:
+                result = run_cell_process(sweep.spec(combo, size), sweep.cell_timeout)
+            results.append(result)
+            sweep.rows = finalize(results)
+            write_outputs(sweep, host, results)
+            log(f"[{n}/{total}] {combo} @ {size}: {_describe(sweep.rows[-1])} ({time.perf_counter() - t0:.0f} s)")
+    return sweep.rows
+
+
+def _describe(row: dict) -> str:
+    if row["status"] == "ok":
+        return (
+            f"ok, forward {row['forward_peak_mib']:,.0f} MiB, backward {row['backward_peak_mib']:,.0f} MiB ({row['backend']}), {row['step_time_s']:.2f} s/step"
+        )
+    if row["status"] == "oom":
+        return f"out of memory in {row['phase'] or 'an unknown phase'}"
+    return f"{row['status']}: {row['reason']}"

@@ -1,0 +1,73 @@
+"""The training step of `memtrain fit`, in plain PyTorch, with phase marks — for estimates, sweeps and benchmarks.
+
+It does what :class:`memtrain.loop.module.EnhancementModule` under Lightning's
+automatic optimization does, in the same order, so its memory is the fit's memory:
+
+* ``forward``: the model under the plan's forward context and the precision plugin's
+  autocast, then 1 − MS-SSIM in float32; then ``zero_grad(set_to_none=True)`` — Lightning
+  zeroes gradients *after* the training step and before backward, so the previous
+  step's gradients are still alive during the forward;
+* ``backward``: ``loss.backward()`` (scaled by the GradScaler for fp16);
+* ``optimizer``: Adam's step (through the GradScaler for fp16).
+
+Adam uses its ``foreach`` implementation on CUDA and the per-parameter loop on CPU,
+as PyTorch picks by default; ``foreach`` forces one (estimates for a CUDA target run
+on CPU fake tensors and must use CUDA's choice).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from memtrain.config import ModelConfig
+
+
+class TrainStep:
+    """Model, loss and Adam of one run under ``plan``, on ``device``; call it once per step."""
+
+    def __init__(
+        self,
+        plan,
+        *,
+        model_cfg: ModelConfig | None = None,
+        device: torch.device | str = "cpu",
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        foreach: bool | None = None,
+        scaler: bool = True,
+    ) -> None:
+        from memtrain.loss import MSSSIMLoss
+        from memtrain.model import build_model
+
+        self.plan = plan
+        self.device = torch.device(device)
+        self.model = plan.apply(build_model(model_cfg or ModelConfig()))
+        if any(p.device != self.device for p in self.model.parameters()):
+            self.model.to(self.device)
+        self.loss_fn = plan.wrap_loss(MSSSIMLoss())
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay, foreach=foreach)
+        precision = plan.precision_plugin()
+        self.autocast = precision.forward_context if precision is not None else contextlib.nullcontext
+        self.scaler = getattr(precision, "scaler", None) if scaler else None
+
+    def __call__(self, tracker, x: torch.Tensor, y: torch.Tensor, *, step: int | None = None) -> torch.Tensor:
+        """One training step recorded by ``tracker``; returns the (detached) loss."""
+        model, optimizer = self.model, self.optimizer
+        with tracker.step(model, optimizer, (x, y), step=step):
+            with tracker.phase("forward"):
+                with self.autocast(), self.plan.forward_context():
+                    out = model(x)
+                loss = self.loss_fn(out, y)
+                del out
+                optimizer.zero_grad(set_to_none=True)
+            with tracker.phase("backward"):
+                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+            with tracker.phase("optimizer"):
+                if self.scaler is not None:
+                    self.scaler.step(optimizer)
+                    self.scaler.update()
+                else:
+                    optimizer.step()
+        return loss.detach()
