@@ -13,7 +13,7 @@ import warnings
 
 from memtrain.errors import MemtrainError
 
-SUBCOMMANDS = ("fit", "strategies")
+SUBCOMMANDS = ("fit", "enhance", "export", "strategies")
 
 
 class UsageError(MemtrainError):
