@@ -27,8 +27,11 @@ back and clipped to [0, 1]. ``memtrain enhance`` does exactly this.
 
 **int8** (``int8=True``): only for a model trained with ``--strategies quant:qat``. The
 strategy that quantized the model (stage ``QUANTIZE``) provides the conversion as a
-method ``export_int8(model, example, fmt) -> bytes`` (e.g. ONNX QDQ from its fake-quant
-observers, or ``torch.ao`` convert and trace); memtrain runs the result with the same
+method ``export_int8(model, example, fmt, float_bytes) -> bytes`` — ``model`` the
+rebuilt float module (its fake-quant observers included), ``example`` the export input,
+``float_bytes`` the verified float export in ``fmt`` (e.g. ONNX QDQ from the observers'
+scales, onnxruntime quantization of ``float_bytes``, or ``torch.ao`` convert and trace;
+raise StrategyError for a format it cannot produce); memtrain runs the result with the same
 runtime on the same test batch and reports its size and its difference from the float
 model (max absolute difference, PSNR) — reported, not bounded: quantization changes the
 output by design. A checkpoint without such a strategy, or a strategy without the
@@ -134,6 +137,12 @@ def to_bytes(model: torch.nn.Module, fmt: str, example: torch.Tensor) -> bytes:
         warnings.simplefilter("ignore")  # exporter chatter (deprecations, graph-break notes); the result is verified below
         if fmt == "onnx":
             from torch.export import Dim
+
+            try:
+                import onnx  # noqa: F401
+                import onnxscript  # noqa: F401
+            except ImportError as e:
+                raise MemtrainError(f"--format onnx: {e.name} is not installed; pip install 'memtrain[export]'") from None
 
             batch = Dim("batch", min=1, max=1024)
             h = Dim("h", min=1, max=MAX_SIDE_BLOCKS)
@@ -268,7 +277,7 @@ def export_model(
 
     int8_data = None
     if int8_strategy is not None:
-        int8_data, result.int8 = _export_int8(int8_strategy, model, fmt, example, x, reference, out_dir, len(data))
+        int8_data, result.int8 = _export_int8(int8_strategy, model, fmt, example, data, x, reference, out_dir)
 
     # Verified: write everything.
     atomic_write_bytes(out_dir / FILES[fmt], data)
@@ -305,10 +314,10 @@ def _int8_strategy(trained: Trained):
     raise StrategyError(f"--int8: not available: strategy {quantizers[0].spec} provides no int8 export (export_int8) in this memtrain")
 
 
-def _export_int8(strategy, model, fmt, example, x, reference, out_dir, float_bytes) -> tuple[bytes, Int8Report]:
+def _export_int8(strategy, model, fmt, example, float_data, x, reference, out_dir) -> tuple[bytes, Int8Report]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = strategy.export_int8(model, example, fmt)
+        data = strategy.export_int8(model, example, fmt, float_data)
     if not isinstance(data, (bytes, bytearray)) or not data:
         raise StrategyError(f"--int8: strategy {strategy.spec} returned no model")
     out = Runner(bytes(data), fmt)(x)
@@ -316,7 +325,7 @@ def _export_int8(strategy, model, fmt, example, x, reference, out_dir, float_byt
         raise MemtrainError(
             f"--int8: the int8 model gives {out.shape} outputs (finite: {bool(np.isfinite(out).all())}), expected {reference.shape}; nothing written"
         )
-    report = Int8Report(str(out_dir / INT8_FILES[fmt]), len(data), float_bytes, max_abs_diff(out, reference), psnr(reference, out))
+    report = Int8Report(str(out_dir / INT8_FILES[fmt]), len(data), len(float_data), max_abs_diff(out, reference), psnr(reference, out))
     return bytes(data), report
 
 
