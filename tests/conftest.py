@@ -114,3 +114,24 @@ def warmed_unet(encoder: str = "resnet18", seed: int = 0, size: int = 64):
                 p -= 0.05 * p.grad.sign() * p.abs().mean().clamp_min(1e-3)
                 p.grad = None
     return model
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory) -> Path:
+    """A real checkpoint from `memtrain fit` (configs/ci-tiny.yaml, 2 steps), trained once per session.
+
+    ``--no-zero-head`` so the tiny model's output varies with its input (after two steps
+    a zero-initialised head still outputs nearly a constant), which is what the
+    enhance/export tests compare.
+    """
+    from memtrain.config import load_yaml
+    from memtrain.loop.fit import fit
+
+    cfg = load_yaml(ROOT / "configs" / "ci-tiny.yaml")
+    cfg.train.max_steps = 2
+    cfg.model.zero_head = False
+    cfg.run.samples = 0
+    cfg.memory.track = False
+    cfg.run.out = str(tmp_path_factory.mktemp("trained") / "run")
+    run_dir = fit(cfg)
+    return run_dir / "checkpoints" / "best.ckpt"

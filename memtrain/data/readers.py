@@ -12,7 +12,9 @@ compressed transfer syntaxes decode when pydicom's optional decoders are install
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -131,3 +133,90 @@ def read_dicom_pixels(path: Path, ds=None) -> np.ndarray:
 def _short(e: Exception) -> str:
     text = " ".join(str(e).split()) or e.__class__.__name__
     return text if len(text) <= 200 else text[:197] + "..."
+
+
+# --------------------------------------------------------------------------- sources for inference
+
+
+def has_dicom_preamble(path: Path) -> bool:
+    """True if ``path`` starts like a DICOM Part 10 file (128-byte preamble, then 'DICM')."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+@dataclass
+class ImageSource:
+    """An input image for inference, with what is needed to write its output in the same format.
+
+    ``image`` is what the model sees (float32 in [0, 1], bone bright, as :func:`read_image`
+    returns). ``lo``..``hi`` is the range of the stored values it was normalised from —
+    DICOM stored pixel values before the modality LUT, or a raster's gray levels — and
+    ``inverted`` says that higher stored values are darker (DICOM MONOCHROME1, or a
+    negative Rescale Slope). ``dtype`` is the container type to write back.
+    """
+
+    path: Path
+    kind: str  # "dicom", "png", "tiff" or "jpeg"
+    image: np.ndarray
+    lo: float
+    hi: float
+    inverted: bool
+    dtype: np.dtype
+    dataset: Any = None  # the pydicom Dataset (DICOM only)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.image.shape)
+
+
+def load_source(path: str | Path) -> ImageSource:
+    """Read one image for inference; DataError naming the file if it cannot be used."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in DICOM_SUFFIXES or (suffix not in RASTER_SUFFIXES and has_dicom_preamble(path)):
+        return _dicom_source(path)
+    if suffix not in RASTER_SUFFIXES:
+        raise DataError(f"{path}: unsupported file type '{suffix or path.name}' (expected one of {', '.join(IMAGE_SUFFIXES)}, or a DICOM file)")
+    raw = _read_raster(path)
+    kind = {".png": "png", ".tif": "tiff", ".tiff": "tiff"}.get(suffix, "jpeg")
+    return ImageSource(path, kind, normalize(raw, path), float(raw.min()), float(raw.max()), False, _raster_dtype(path, kind))
+
+
+def _raster_dtype(path: Path, kind: str) -> np.dtype:
+    """The sample type to write back: the file's own (gray of an RGB file keeps its bit depth)."""
+    if kind == "tiff":
+        import tifffile
+
+        with tifffile.TiffFile(path) as tif:
+            dt = np.dtype(tif.pages[0].dtype)
+        if dt.kind == "f":
+            return np.dtype(np.float32)
+        if dt.kind == "b":
+            return np.dtype(np.uint8)
+        return dt
+    from PIL import Image
+
+    with Image.open(path) as im:
+        mode = im.mode
+    if kind == "png" and mode.startswith("I"):
+        return np.dtype(np.uint16)
+    return np.dtype(np.uint8)
+
+
+def _dicom_source(path: Path) -> ImageSource:
+    ds = read_dicom(path)
+    values = read_dicom_pixels(path, ds)  # validates photometric, frames, decoders
+    stored = ds.pixel_array
+    if stored.dtype.kind not in "ui" or stored.dtype.itemsize > 2:
+        raise DataError(
+            f"{path}: {ds.get('BitsAllocated', '?')}-bit {stored.dtype} DICOM pixel data; memtrain enhance reads and writes 8- and 16-bit integer pixels"
+        )
+    slope = float(ds.get("RescaleSlope", 1) or 1) if "ModalityLUTSequence" not in ds else 1.0
+    inverted = (str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1") != (slope < 0)
+    return ImageSource(path, "dicom", normalize(values, path), float(stored.min()), float(stored.max()), inverted, stored.dtype.newbyteorder("="), dataset=ds)

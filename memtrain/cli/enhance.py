@@ -1,0 +1,176 @@
+"""`memtrain enhance`: run a trained model on full-resolution images, writing each in its own format.
+
+Inputs are PNG/TIFF/JPEG (8/16-bit) and DICOM files, or folders of them (searched
+recursively; the output keeps the relative layout). Images of any size are padded to a
+multiple of 32 and cropped back; images too large for the available memory are
+processed in overlapping tiles blended without seams (automatically, or always with
+--tile). Outputs keep the input's format and bit depth; DICOM outputs are derived images
+with new SOP/Series Instance UIDs and the patient/study linkage kept. Logs and output
+names use input file names only, never DICOM attributes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from memtrain.errors import ConfigError, DataError
+
+EPILOG = """examples:
+  memtrain enhance runs/exp1/checkpoints/best.ckpt scans/ --out enhanced/
+  memtrain enhance best.ckpt chest.dcm knee.png --out enhanced/ --compare
+  memtrain enhance best.ckpt big.tif --out enhanced/ --tile 1024 --overlap 64 --amp"""
+
+COMPARE_SUFFIX = "_compare.png"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "enhance",
+        help="enhance images with a trained model (any size; DICOM in, DICOM out)",
+        description=__doc__,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("checkpoint", metavar="CHECKPOINT", help="a .ckpt written by `memtrain fit` (e.g. runs/exp1/checkpoints/best.ckpt)")
+    p.add_argument("inputs", metavar="IMAGES_OR_DIRS", nargs="+", help="image files (PNG, TIFF, JPEG, DICOM) or folders of them")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (created); outputs keep the input names and formats")
+    p.add_argument("--tile", type=str, metavar="PX", help="always process in tiles of PX² pixels (a multiple of 32); default: only when the image does not fit")
+    p.add_argument("--overlap", type=str, default="64", metavar="PX", help="overlap of neighbouring tiles, blended with raised-cosine weights [default: 64]")
+    p.add_argument("--amp", action="store_true", help="16-bit autocast (bf16 on CPU and recent GPUs, else fp16): about half the memory")
+    p.add_argument("--compare", action="store_true", help="also write NAME_compare.png: input | output side by side (8-bit)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="'auto' uses CUDA when present [default: auto]")
+    p.add_argument(
+        "--max-memory", type=str, metavar="GIB", help="memory budget for one forward, in GiB (default: 90%% of free CUDA memory, or half the free RAM)"
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
+    p.set_defaults(run=run)
+
+
+def _int(flag: str, value: str | None, minimum: int) -> int | None:
+    if value is None:
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise ConfigError(f"{flag} {value}: expected an integer") from None
+    if n < minimum:
+        raise ConfigError(f"{flag} {value}: expected {minimum} or more")
+    return n
+
+
+def _gib(flag: str, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        v = float(value)
+    except ValueError:
+        raise ConfigError(f"{flag} {value}: expected a number of GiB") from None
+    if not v > 0:
+        raise ConfigError(f"{flag} {value}: expected a positive number of GiB")
+    return int(v * 2**30)
+
+
+def collect_inputs(items: list[str]) -> list[tuple[Path, Path]]:
+    """(input file, output path relative to --out) for every argument; folders are searched recursively."""
+    from memtrain.data.readers import IMAGE_SUFFIXES, has_dicom_preamble
+
+    found: list[tuple[Path, Path]] = []
+    for item in items:
+        path = Path(item).expanduser()
+        if path.is_file():
+            found.append((path, Path(path.name)))
+        elif path.is_dir():
+            files = []
+            for f in sorted(path.rglob("*")):
+                rel = f.relative_to(path)
+                if not f.is_file() or any(part.startswith(".") for part in rel.parts) or f.name.endswith(COMPARE_SUFFIX):
+                    continue
+                suffix = f.suffix.lower()
+                if suffix in IMAGE_SUFFIXES or (not suffix and f.name.upper() != "DICOMDIR" and has_dicom_preamble(f)):
+                    files.append((f, rel))
+            if not files:
+                raise DataError(f"{path}: no images in this folder (expected {', '.join(IMAGE_SUFFIXES)} or DICOM files)")
+            found.extend(files)
+        else:
+            raise DataError(f"{path}: no such file or folder")
+    return found
+
+
+def plan_outputs(inputs: list[tuple[Path, Path]], out: Path, *, compare: bool, overwrite: bool) -> list[tuple[Path, Path, Path | None]]:
+    """(input, output, compare output or None); refuses collisions, outputs that are inputs, and (without --overwrite) existing files."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a folder")
+    planned = []
+    taken: dict[Path, Path] = {}
+    sources = {p.resolve() for p, _ in inputs}
+    existing = []
+    for src, rel in inputs:
+        dst = out / rel
+        cmp = dst.with_name(dst.stem + COMPARE_SUFFIX) if compare else None
+        for target in (dst, cmp):
+            if target is None:
+                continue
+            key = target.resolve()
+            if key in taken:
+                raise DataError(f"{src} and {taken[key]}: both would be written to {target}; enhance them into different --out folders")
+            if key in sources:
+                raise ConfigError(f"--out {out}: would overwrite the input {target}; choose another output folder")
+            taken[key] = src
+            if target.exists():
+                existing.append(target)
+        planned.append((src, dst, cmp))
+    if existing and not overwrite:
+        more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+        raise ConfigError(f"--out {out}: {existing[0]}{more} already exist; pass --overwrite to replace them")
+    return planned
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from memtrain import __version__
+    from memtrain.data.readers import load_source
+    from memtrain.data.writers import compare_png, encode, quiet_pydicom
+    from memtrain.inference import Enhancer, load_trained
+    from memtrain.rundir import atomic_write_bytes
+
+    tile = _int("--tile", args.tile, 32)
+    overlap = _int("--overlap", args.overlap, 0)
+    max_memory = _gib("--max-memory", args.max_memory)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use 'auto' or 'cpu')")
+    device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
+    out = Path(args.out).expanduser()
+    jobs = plan_outputs(collect_inputs(args.inputs), out, compare=args.compare, overwrite=args.overwrite)
+
+    trained = load_trained(args.checkpoint, device=device)
+    enhancer = Enhancer(trained.model, device=device, amp=args.amp, max_memory=max_memory)
+    if tile is not None:
+        enhancer.plan(tile, tile, tile=tile, overlap=overlap)  # flag errors before any work
+    cfg = trained.config
+    print(
+        f"memtrain: model U-Net {cfg.model.encoder} from {trained.path} (trained at {cfg.data.size}², strategies: {','.join(trained.specs)}); "
+        f"device {device}, {enhancer.precision}; {len(jobs)} image(s) -> {out}",
+        flush=True,
+    )
+    series_uids: dict[str, str] = {}
+    total = time.perf_counter()
+    for n, (src, dst, cmp) in enumerate(jobs, 1):
+        t0 = time.perf_counter()
+        with quiet_pydicom():
+            source = load_source(src)
+            y, tiling = enhancer(source.image, tile=tile, overlap=overlap)
+            description = (
+                f"memtrain {__version__} enhance: U-Net {cfg.model.encoder} contrast enhancement (checkpoint {trained.path.name}, "
+                f"strategies {','.join(trained.specs)}, {enhancer.precision}, {tiling.describe()})"
+            )
+            data = encode(source, y, description=description, series_uids=series_uids)
+        atomic_write_bytes(dst, data)
+        if cmp is not None:
+            atomic_write_bytes(cmp, compare_png(source.image, y))
+        h, w = source.shape
+        print(f"memtrain: [{n}/{len(jobs)}] {src} ({w}x{h}, {source.kind}, {tiling.describe()}) -> {dst} in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"memtrain: enhanced {len(jobs)} image(s) into {out} in {time.perf_counter() - total:.1f} s")
+    return 0

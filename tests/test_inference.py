@@ -1,0 +1,267 @@
+"""Inference: checkpoints load as one plain module, tiles blend without seams, memory decides tiling, outputs keep their format."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+from conftest import pydicom_test_file
+from torch import nn
+
+from memtrain.data.phantom import phantom_radiograph
+from memtrain.data.readers import load_source, read_image
+from memtrain.data.writers import encode, stored_values
+from memtrain.errors import CheckpointError, ConfigError, MemtrainError
+from memtrain.inference import SAFETY, Enhancer, blend_weights, load_model, load_trained, tile_starts
+from memtrain.strategies.base import Stage, Strategy
+from memtrain.strategies.registry import _REGISTRY, register
+
+
+def _image(h: int, w: int, index: int = 0) -> np.ndarray:
+    return phantom_radiograph(3, index, max(h, w))[:h, :w].astype(np.float32)
+
+
+# ------------------------------------------------------------------ loading
+
+
+def test_checkpoint_loads_weights_only_as_one_plain_module(trained_checkpoint):
+    import segmentation_models_pytorch as smp
+
+    ckpt = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    model, cfg = load_model(trained_checkpoint)
+    assert type(model) is smp.Unet and not model.training
+    assert cfg.model.encoder == "resnet18" and cfg.data.size == 64
+    assert all(not p.requires_grad for p in model.parameters())
+    # Every parameter and buffer (BatchNorm running statistics included) is the trained one.
+    state = model.state_dict()
+    assert set(state) == {k.removeprefix("model.") for k in ckpt["state_dict"]}
+    for key, value in ckpt["state_dict"].items():
+        assert torch.equal(state[key.removeprefix("model.")], value), key
+    bn = model.encoder.bn1
+    assert not torch.equal(bn.running_mean, torch.zeros_like(bn.running_mean))  # trained statistics, not fresh ones
+
+
+class _Payload:
+    """Unpickling an instance needs code from this module: weights-only loading refuses it."""
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path, trained_checkpoint):
+    full = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    ckpt = {"state_dict": full["state_dict"], "memtrain": full["memtrain"]}  # what loading reads; small to save
+    cases = {}
+    cases["folder"] = tmp_path
+    cases["missing"] = tmp_path / "nope.ckpt"
+    torch.save({"state_dict": {}, "memtrain": {"config": {}}, "x": _Payload()}, tmp_path / "code.ckpt")
+    cases["code"] = tmp_path / "code.ckpt"
+    torch.save({"a": torch.zeros(1000)}, tmp_path / "small.pt")
+    data = (tmp_path / "small.pt").read_bytes()
+    (tmp_path / "truncated.ckpt").write_bytes(data[: len(data) // 2])
+    cases["truncated"] = tmp_path / "truncated.ckpt"
+    torch.save({"state_dict": ckpt["state_dict"]}, tmp_path / "plain.ckpt")
+    cases["not memtrain"] = tmp_path / "plain.ckpt"
+    (tmp_path / "image.ckpt").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    cases["png"] = tmp_path / "image.ckpt"
+    unknown = dict(ckpt, memtrain={**ckpt["memtrain"], "strategies": ["warp:9"]})
+    torch.save(unknown, tmp_path / "unknown.ckpt")
+    cases["unknown strategy"] = tmp_path / "unknown.ckpt"
+    missing_key = dict(ckpt, state_dict={k: v for k, v in ckpt["state_dict"].items() if k != "model.segmentation_head.0.bias"})
+    torch.save(missing_key, tmp_path / "missing_key.ckpt")
+    cases["missing key"] = tmp_path / "missing_key.ckpt"
+
+    expected = {
+        "folder": "is not a file",
+        "missing": "no such checkpoint file",
+        "code": "refused: loading it would run pickled code (GLOBAL test_inference._Payload",
+        "truncated": "not a readable PyTorch checkpoint",
+        "not memtrain": "not a memtrain checkpoint",
+        "png": "not a readable PyTorch checkpoint",
+        "unknown strategy": "trained with strategy 'warp:9', which this memtrain does not provide",
+        "missing key": "1 missing (e.g. segmentation_head.0.bias)",
+    }
+    for name, path in cases.items():
+        with pytest.raises(CheckpointError) as info:
+            load_model(path)
+        message = str(info.value)
+        assert "\n" not in message and str(path) in message and expected[name] in message, (name, message)
+
+
+@contextlib.contextmanager
+def _registered(cls):
+    register(cls)
+    try:
+        yield cls
+    finally:
+        _REGISTRY.pop(cls.name, None)
+
+
+class _ExtraHeadConv(Strategy):
+    """Test strategy that changes the architecture: one more 1x1 convolution after the head."""
+
+    name = "test-extra-head"
+    stage = Stage.RESTRUCTURE
+    summary = "adds a 1x1 convolution after the segmentation head (tests only)"
+
+    def transform(self, model):
+        model.segmentation_head.append(nn.Conv2d(1, 1, 1))
+        return model
+
+
+def test_architecture_strategies_are_replayed_and_others_are_not(tmp_path, trained_checkpoint):
+    full = torch.load(trained_checkpoint, map_location="cpu", weights_only=True)
+    ckpt = {"state_dict": full["state_dict"], "memtrain": full["memtrain"]}
+    # A model trained with an architecture-changing strategy: its state dict has the extra keys.
+    model, _ = load_model(trained_checkpoint)
+    torch.manual_seed(1)
+    model = _ExtraHeadConv().transform(model)
+    restructured = dict(ckpt, state_dict={f"model.{k}": v for k, v in model.state_dict().items()})
+    restructured["memtrain"] = {**ckpt["memtrain"], "strategies": ["test-extra-head", "amp:bf16"]}
+    torch.save(restructured, tmp_path / "restructured.ckpt")
+    # Unknown here: it might change the architecture, so loading refuses.
+    with pytest.raises(CheckpointError, match="trained with strategy 'test-extra-head'"):
+        load_model(tmp_path / "restructured.ckpt")
+    with _registered(_ExtraHeadConv):
+        trained = load_trained(tmp_path / "restructured.ckpt")
+    assert trained.specs == ["test-extra-head", "amp:bf16"]  # amp recorded, not applied (it keeps the keys)
+    assert len(trained.model.segmentation_head) == 4
+    x = torch.from_numpy(_image(64, 96))[None, None]
+    with torch.no_grad():
+        assert torch.equal(trained.model(x), model.eval()(x))
+
+
+# ------------------------------------------------------------------ tiling
+
+
+def _local_model() -> nn.Module:
+    """A real conv net whose receptive field (radius 3 px) is smaller than a quarter of the overlap."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 1, 3, padding=1), nn.Sigmoid())
+    with torch.no_grad():
+        model[4].weight *= 30  # outputs spread over (0, 1) rather than all near 0.5
+    return model.eval()
+
+
+def test_blend_weights_sum_to_one_and_tiles_are_aligned():
+    for n, tile, overlap in ((512, 256, 64), (416, 256, 128), (4192, 1024, 64), (96, 128, 32), (4192, 2048, 0)):
+        starts = tile_starts(n, tile, overlap)
+        assert starts[0] == 0 and starts[-1] == max(0, n - tile) and all(s % 32 == 0 for s in starts)
+        assert all(b - a <= tile - overlap for a, b in itertools.pairwise(starts))
+        total = np.zeros((n, 64))
+        for top, _left, w in blend_weights(starts, [0], tile, n, 64):
+            total[top : top + min(tile, n)] += w
+        assert np.abs(total - 1.0).max() < 1e-3, (n, tile, overlap)  # exactly 1 where two tiles meet; normalised anyway
+
+
+def test_tiles_blend_exactly_for_a_model_within_the_overlap():
+    img = _image(300, 250)
+    enhancer = Enhancer(_local_model())
+    whole, tiling = enhancer(img)
+    assert tiling.tile is None and whole.std() > 0.01
+    for tile, overlap in ((128, 32), (96, 48), (160, 32)):
+        out, tiling = enhancer(img, tile=tile, overlap=overlap)
+        assert tiling.tiles > 4
+        assert np.abs(out - whole).max() < 1e-5, (tile, overlap)
+    # Without overlap the tiles' zero-padded borders show up as seams.
+    out, _ = enhancer(img, tile=128, overlap=0)
+    assert np.abs(out - whole).max() > 1e-2
+
+
+def test_tiled_unet_is_close_to_untiled_and_closer_with_larger_tiles(trained_checkpoint):
+    # The U-Net's deepest features see ~400 px (ResNet18), more than any overlap: tiles
+    # change the output by what the missing context contributes, less with larger tiles.
+    model, _ = load_model(trained_checkpoint)
+    enhancer = Enhancer(model)
+    img = _image(320, 256)
+    whole, _ = enhancer(img)
+    errors = {}
+    for tile in (128, 256):
+        out, tiling = enhancer(img, tile=tile, overlap=64)
+        assert out.shape == whole.shape and tiling.tiles > 1
+        errors[tile] = float(np.abs(out - whole).mean())
+    # Measured: 256-px tiles 2.2e-3, 128-px tiles 1.6e-2, output std 3.8e-2.
+    assert errors[256] < 0.15 * whole.std(), errors
+    assert errors[256] < errors[128], errors
+
+
+def test_tiling_follows_the_memory_budget(trained_checkpoint):
+    from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
+
+    model, _ = load_model(trained_checkpoint)
+    enhancer = Enhancer(model)
+    # The fake-tensor estimate is what a real forward allocates as tensors.
+    counter = LiveTensorBytes()
+    x = torch.rand(1, 1, 256, 256)
+    with torch.no_grad(), TensorBytesMode(counter):
+        counter.track(x)
+        out = model(x)
+    del out
+    assert enhancer.bytes_per_pixel() == counter.peak / 256**2
+    need = enhancer.need_bytes(512, 512)
+    assert need == int(SAFETY * counter.peak * 4)
+    assert Enhancer(model, max_memory=need).plan(512, 512).tile is None
+    tight = Enhancer(model, max_memory=need // 3)
+    tiling = tight.plan(512, 512)
+    assert tiling.tile is not None and tiling.tile % 32 == 0 and tiling.tiles > 1 and tiling.need_bytes <= need // 3
+    out, used = tight(_image(500, 500))
+    assert used.tile == tiling.tile and out.shape == (500, 500)
+    with pytest.raises(MemtrainError, match="not enough memory for even a"):
+        Enhancer(model, max_memory=2**20).plan(512, 512)
+    with pytest.raises(ConfigError, match="--tile 100: expected a multiple of 32"):
+        enhancer.plan(512, 512, tile=100)
+    with pytest.raises(ConfigError, match="--overlap 200: expected at most half the tile"):
+        enhancer.plan(512, 512, tile=256, overlap=200)
+
+
+def test_amp_inference_is_close_to_float32(trained_checkpoint):
+    model, _ = load_model(trained_checkpoint)
+    img = _image(130, 100)
+    ref, _ = Enhancer(model)(img)
+    amp = Enhancer(model, amp=True)
+    out, _ = amp(img)
+    assert amp.precision == "bf16 autocast"
+    assert amp.bytes_per_pixel() < 0.6 * Enhancer(model).bytes_per_pixel()  # 16-bit activations
+    # bf16 keeps 8 mantissa bits: measured mean |diff| 1.4e-3 for outputs of std 3.8e-2.
+    assert 0 < np.abs(out - ref).mean() < 0.1 * ref.std()
+
+
+# ------------------------------------------------------------------ writing outputs
+
+
+def test_outputs_map_back_to_the_inputs_range_and_read_back(tmp_path):
+    import tifffile
+    from PIL import Image
+
+    img = _image(90, 70)
+    y = np.clip(1.2 * img**0.5, 0, 1).astype(np.float32)
+    Image.fromarray((img * 50000 + 300).astype(np.uint16)).save(tmp_path / "a16.png")
+    Image.fromarray((img * 250).astype(np.uint8)).save(tmp_path / "a8.png")
+    tifffile.imwrite(tmp_path / "f.tif", img * 3 - 1)
+    for name, dtype in (("a16.png", np.uint16), ("a8.png", np.uint8), ("f.tif", np.float32)):
+        source = load_source(tmp_path / name)
+        values = stored_values(source, y)
+        assert values.dtype == dtype and values.min() >= source.lo and values.max() <= source.hi
+        (tmp_path / f"out_{name}").write_bytes(encode(source, y, description="test"))
+        back = read_image(tmp_path / f"out_{name}")
+        expected = (y - y.min()) / (y.max() - y.min())
+        # Rounding to the integer grid, seen through the read-back min–max normalisation.
+        step = 1.0 / float(values.max() - values.min()) if dtype != np.float32 else 1e-6
+        assert np.abs(back - expected).max() <= 1.01 * step, name
+
+
+def test_monochrome1_dicom_stays_monochrome1_with_the_same_sense(tmp_path):
+    ds = pydicom.dcmread(pydicom_test_file("MR_small.dcm"))
+    ds.PhotometricInterpretation = "MONOCHROME1"
+    ds.save_as(tmp_path / "mono1.dcm")
+    source = load_source(tmp_path / "mono1.dcm")
+    assert source.inverted
+    y = np.clip(source.image * 0.8 + 0.1, 0, 1)
+    (tmp_path / "out.dcm").write_bytes(encode(source, y, description="test"))
+    out = pydicom.dcmread(tmp_path / "out.dcm")
+    assert out.PhotometricInterpretation == "MONOCHROME1"
+    # Reading it back (MONOCHROME1 inverted again) gives the model's output: bone stays bright.
+    expected = (y - y.min()) / (y.max() - y.min())
+    values = out.pixel_array
+    assert np.abs(read_image(tmp_path / "out.dcm") - expected).max() <= 1.01 / float(values.max() - values.min())
