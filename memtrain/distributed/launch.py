@@ -57,6 +57,20 @@ class DistEnv:
             )
 
 
+def announce(denv: DistEnv, role: str, device: torch.device) -> None:
+    """One line per process, so operators (and tests) can tell which process plays which role."""
+    import socket
+
+    print(f"memtrain: rank {denv.rank}/{denv.world_size} ({role}) pid {os.getpid()} on {socket.gethostname()}, device {device}", flush=True)
+
+
+def quiet_distributed_warnings() -> None:
+    """torch.distributed's own deprecation notices, which say nothing about the user's run."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*as a ProcessGroup\. This usage is deprecated.*")
+
+
 def rank_device(denv: DistEnv, device_type: str) -> torch.device:
     """CPU, or the GPU ``LOCAL_RANK`` (modulo the GPUs visible) made current."""
     if device_type != "cuda":

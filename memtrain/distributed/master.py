@@ -107,9 +107,11 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
     print(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})", flush=True)
 
     epoch, skip, step, best = 0, 0, 0, math.inf
+    loss_sum, seen = 0.0, 0
     if ckpt is not None:
         engine.load(_unprefix(ckpt["state_dict"]), _first(ckpt.get("optimizer_states")), _first(ckpt.get("lr_schedulers")))
         epoch, skip, step, best = int(ckpt["epoch"]), int(ckpt["batch"]), int(ckpt["global_step"]), float(ckpt.get("best_val_loss", math.inf))
+        loss_sum, seen = float(ckpt.get("epoch_loss", [0.0, 0])[0]), int(ckpt.get("epoch_loss", [0.0, 0])[1])
         print(f"memtrain: resumed at epoch {epoch}, step {step}", flush=True)
     first_step = step
     kept: dict[int, list[str]] = {}  # per rank: memory rows of the steps before a resume
@@ -119,6 +121,8 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
     pin = device.type == "cuda"
 
     def checkpoint(path: Path, next_epoch: int, next_batch: int) -> None:
+        # Memory rows are written with every checkpoint, so a resumed run has the rows of every step before it.
+        write_memory()
         state = engine.state()
         save_checkpoint(
             path,
@@ -127,6 +131,8 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
                 "batch": next_batch,
                 "global_step": step,
                 "best_val_loss": best,
+                # Mid-epoch: the training loss so far, so the epoch's train_loss covers it whole after a resume.
+                "epoch_loss": [loss_sum, seen] if next_batch else [0.0, 0],
                 "state_dict": {f"model.{k}": v for k, v in state["state_dict"].items()},
                 "optimizer_states": state["optimizer_states"],
                 "lr_schedulers": state["lr_schedulers"],
@@ -180,12 +186,12 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
             atomic_write_bytes(run_dir / "samples" / f"epoch_{epoch}.png", render_samples(*sample, title=f"epoch {epoch}"))
         return {k: v / max(n, 1) for k, v in sums.items()}
 
+    n_batches = math.ceil(len(train_set) / cfg.train.batch_size)
     done = cfg.train.max_steps > 0 and step >= cfg.train.max_steps
     engine.set_training(True)
     with plan.session():
         while epoch < cfg.train.epochs and not done:
             t0 = time.perf_counter()
-            loss_sum, seen = 0.0, 0
             batch_index = skip
             for x, y in train_batches(train_set, cfg, epoch, skip, pin):
                 x, y = x.to(device, non_blocking=pin), y.to(device, non_blocking=pin)
@@ -197,10 +203,9 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
                 done = cfg.train.max_steps > 0 and step >= cfg.train.max_steps
                 if done:
                     break
-                if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
-                    checkpoint(ckpt_dir / LAST, epoch, batch_index)
-            skip = 0
-            finished = batch_index * cfg.train.batch_size >= len(train_set)
+                if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 and batch_index < n_batches:
+                    checkpoint(ckpt_dir / LAST, epoch, batch_index)  # (the last batch of an epoch: the epoch-end checkpoint follows)
+            finished = batch_index >= n_batches
             row = {"epoch": str(epoch), "step": str(step), "lr": f"{engine.lr():.6g}", "train_loss": _fmt(loss_sum / seen if seen else None)}
             if (epoch + 1) % cfg.train.val_every == 0:
                 row.update({k: _fmt(v) for k, v in validate().items()})
@@ -217,12 +222,12 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
             if finished:
                 engine.scheduler_step()
                 epoch += 1
-                checkpoint(ckpt_dir / LAST, epoch, 0)
-            else:  # stopped by --max-steps inside the epoch: resume there
-                checkpoint(ckpt_dir / LAST, epoch, batch_index)
+                batch_index = 0
+            # Stopped by --max-steps inside an epoch: resume there.
+            checkpoint(ckpt_dir / LAST, epoch, batch_index)
             if improved:
-                checkpoint(ckpt_dir / BEST, epoch, 0 if finished else batch_index)
-            write_memory()
+                checkpoint(ckpt_dir / BEST, epoch, batch_index)
+            skip, loss_sum, seen = 0, 0.0, 0
     write_memory()
     if cfg.memory.track:
         print(format_rank_table(summarize_ranks(run_dir, skip_steps=cfg.memory.warmup_steps)), flush=True)

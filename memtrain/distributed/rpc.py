@@ -38,7 +38,7 @@ import torch
 
 from memtrain.config import FitConfig, from_plain, to_dict
 from memtrain.distributed.heartbeat import Heartbeat
-from memtrain.distributed.launch import DistEnv, rank_device, rendezvous_store
+from memtrain.distributed.launch import DistEnv, announce, quiet_distributed_warnings, rank_device, rendezvous_store
 from memtrain.distributed.memory import RankRecords, rank_memory
 from memtrain.distributed.shard import Shard, on_backward_threads
 from memtrain.distributed.split import DECODER, ENCODER, check_splittable, merge_optimizer_states, merge_state_dicts, split_optimizer_state, split_state_dict
@@ -230,8 +230,10 @@ class RPCRunner:
         denv = DistEnv.from_environ(NAME, "3 processes (master, encoder, decoder)")
         denv.require_world(NAME, (3,), "3 processes: the master (data, loss, logging), the encoder and the decoder")
         check_splittable(cfg.model.encoder, NAME)
+        quiet_distributed_warnings()
         role = ROLES[denv.rank]
         device = rank_device(denv, env.device)
+        announce(denv, role, device)
         store = rendezvous_store(denv)
         heartbeat = Heartbeat(store, rank=denv.rank, timeout=cfg.dist.master_timeout, label=f"rank {denv.rank} ({role})").start()
         rpc.init_rpc(role, rank=denv.rank, world_size=denv.world_size, rpc_backend_options=backend_options(cfg, denv, device, store))
@@ -250,5 +252,7 @@ class RPCRunner:
         finally:
             with contextlib.suppress(Exception):
                 rpc.shutdown(graceful=graceful)
-            # A failed master just stops beating: the workers notice and exit.
-            heartbeat.finish() if graceful else heartbeat.stop()
+            if graceful:
+                heartbeat.finish()
+            else:  # a failed master just stops beating: the workers notice and exit
+                heartbeat.stop()
