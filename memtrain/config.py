@@ -108,6 +108,21 @@ class MemoryConfig:
 
 
 @dataclass(kw_only=True)
+class DistConfig:
+    """Multi-process strategies (rpc, pipeline, ddp), launched with torchrun; ignored by single-process runs."""
+
+    microbatches: int = opt(1, help="pipeline: microbatches each batch is split into (GPipe/1F1B); must divide --batch-size")
+    pipeline_schedule: str = opt(
+        "gpipe",
+        choices=("gpipe", "1f1b"),
+        help="pipeline: microbatch schedule, 'gpipe' (all forwards, then all backwards) or '1f1b' (interleaved, fewer live activations)",
+    )
+    rpc_transport: str = opt("auto", choices=("auto", "tcp", "shm"), help="rpc: TensorPipe transport; 'auto' is tcp (shm busy-polls a core per idle process)")
+    rpc_timeout: float = opt(600.0, help="rpc: seconds one remote call (a shard's forward, backward or optimizer step) may take before the run fails")
+    master_timeout: float = opt(30.0, help="seconds without a heartbeat from rank 0 after which the other ranks exit instead of hanging")
+
+
+@dataclass(kw_only=True)
 class RunConfig:
     """Outputs of the run."""
 
@@ -126,6 +141,7 @@ class FitConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
     run: RunConfig = field(default_factory=RunConfig)
 
     def validate(self) -> FitConfig:
@@ -151,6 +167,12 @@ class FitConfig:
         ):
             if value < 0:
                 raise ConfigError(f"{flag} {value}: expected 0 or more")
+        _positive("--microbatches", self.dist.microbatches)
+        if self.train.batch_size % self.dist.microbatches:
+            raise ConfigError(f"--microbatches {self.dist.microbatches}: expected a divisor of --batch-size {self.train.batch_size}")
+        for flag, value in (("--rpc-timeout", self.dist.rpc_timeout), ("--master-timeout", self.dist.master_timeout)):
+            if not (value > 0 and math.isfinite(value)):
+                raise ConfigError(f"{flag} {value}: expected a positive number of seconds")
         if not self.strategies:
             raise ConfigError("--strategies: expected at least one strategy name (use 'none' for the plain model)")
         if self.memory.budget is not None:

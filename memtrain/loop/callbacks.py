@@ -68,6 +68,8 @@ class MetricsCSV(L.Callback):
             if col.startswith(("val_", "identity_")):
                 row[col] = _fmt(m.get(col)) if ran_val else ""
         self.rows.append(row)
+        if not trainer.is_global_zero:  # data parallel: one writer
+            return
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
         writer.writeheader()
@@ -87,7 +89,7 @@ class SampleImages(L.Callback):
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         batch = getattr(pl_module, "sample_batch", None)
-        if batch is None or trainer.sanity_checking:
+        if batch is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(self.folder / f"epoch_{trainer.current_epoch}.png", render_samples(*batch, title=f"epoch {trainer.current_epoch}"))

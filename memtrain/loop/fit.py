@@ -37,18 +37,13 @@ class _NoTips(logging.Filter):
         return "Tip:" not in str(record.msg)
 
 
-def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
-    """Train as configured; return the run directory. ``resume`` continues that run from its last.ckpt."""
-    import lightning as L
-    from lightning.pytorch.callbacks import ModelCheckpoint
+def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
+    """Train as configured; return the run directory (None on processes of a distributed run that do not write it).
 
-    from memtrain.data.module import RadiographDataModule
-    from memtrain.loop.callbacks import MetricsCSV, SampleImages
-    from memtrain.loop.module import EnhancementModule
-    from memtrain.memory.cuda import allocator_snapshot
-    from memtrain.memory.lightning import MemoryCallback
-    from memtrain.memory.tracker import MemoryTracker
-    from memtrain.model import build_model
+    ``resume`` continues that run from its last.ckpt. The plan's runner executes the run:
+    one Lightning process by default, or the processes of a placement strategy (rpc,
+    pipeline, ddp) launched with torchrun.
+    """
     from memtrain.strategies import Environment, Plan
 
     cfg.validate()
@@ -61,73 +56,117 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path:
     if cfg.strategies == [AUTO]:
         cfg.strategies = choose_strategies(cfg, env)
     plan = Plan.resolve(cfg.strategies, env)
+    return plan.runner().run(cfg, plan, env, resume=Path(resume) if resume is not None else None)
 
-    ckpt_path = None
-    if resume is not None:
-        run_dir = Path(resume)
-        ckpt_path = run_dir / CHECKPOINT_DIR / LAST
-        if not ckpt_path.is_file():
-            raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_DIR}/{LAST} (the run stopped before its first checkpoint)")
 
-    L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-    datamodule = RadiographDataModule(cfg.data, batch_size=cfg.train.batch_size, pin_memory=env.device == "cuda")
-    # Strategies that restructure or wrap the model check its structure here, before anything is written.
-    model = plan.apply(build_model(cfg.model))
+def resume_checkpoint(run_dir: Path) -> Path:
+    """The last.ckpt of ``run_dir``; ConfigError when the run stopped before its first checkpoint."""
+    ckpt_path = run_dir / CHECKPOINT_DIR / LAST
+    if not ckpt_path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_DIR}/{LAST} (the run stopped before its first checkpoint)")
+    return ckpt_path
 
+
+def open_run_dir(cfg: FitConfig, resume: Path | None) -> Path:
+    """Create the run directory (or take the resumed one) and write the resolved config.yaml into it."""
     if resume is None:
         run_dir = new_run_dir(cfg.run.out)
         cfg.run.out = str(run_dir)
+    else:
+        run_dir = resume
     atomic_write_text(run_dir / CONFIG_NAME, dump_yaml(cfg))
-    print(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})", flush=True)
-
-    module = EnhancementModule(model, plan, cfg.train, samples=cfg.run.samples, config=to_dict(cfg))
-
-    device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
-    memory = MemoryCallback(MemoryTracker(device), run_dir / "memory.csv", blocks_csv_path=run_dir / "memory_blocks.csv", warmup_steps=cfg.memory.warmup_steps)
-    ckpt_dir = run_dir / CHECKPOINT_DIR
-    callbacks = [
-        ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False),
-        # "last": one file, overwritten at every epoch end (or every N steps).
-        ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="last",
-            monitor=None,
-            save_top_k=1,
-            every_n_train_steps=cfg.train.checkpoint_every_steps or None,
-            enable_version_counter=False,
-        ),
-        MetricsCSV(run_dir / "metrics.csv"),
-    ]
-    if cfg.run.samples > 0:
-        callbacks.append(SampleImages(run_dir / "samples"))
-    if cfg.memory.track:
-        callbacks.append(memory)
-
-    precision = plan.precision_plugin()
-    trainer = L.Trainer(
-        accelerator="gpu" if env.device == "cuda" else "cpu",
-        devices=1,
-        plugins=[precision] if precision is not None else None,
-        max_epochs=cfg.train.epochs,
-        max_steps=cfg.train.max_steps,
-        check_val_every_n_epoch=cfg.train.val_every,
-        limit_val_batches=cfg.train.limit_val_batches if cfg.train.limit_val_batches > 0 else None,
-        num_sanity_val_steps=0,
-        logger=False,
-        callbacks=callbacks,
-        default_root_dir=run_dir,
-        # CUDA has no deterministic kernel for the U-Net's nearest-upsampling backward:
-        # there torch warns instead of failing.
-        deterministic=(True if env.device == "cpu" else "warn") if cfg.train.deterministic else None,
-        benchmark=False if cfg.train.deterministic else None,
-    )
-    snapshot = allocator_snapshot(run_dir / cfg.memory.snapshot if cfg.memory.snapshot else None, device)
-    with plan.session(), snapshot:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
-    if getattr(snapshot, "written", None):
-        print(f"memtrain: allocator snapshot in {snapshot.written} (open it at https://pytorch.org/memory_viz)")
-    _print_outcome(run_dir)
     return run_dir
+
+
+class LightningRunner:
+    """The default runner: one process, Lightning's Trainer. Subclasses (data parallel) override the hooks below."""
+
+    def run(self, cfg: FitConfig, plan, env, *, resume: Path | None) -> Path | None:
+        import lightning as L
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        from memtrain.data.module import RadiographDataModule
+        from memtrain.loop.callbacks import MetricsCSV, SampleImages
+        from memtrain.loop.module import EnhancementModule
+        from memtrain.memory.cuda import allocator_snapshot
+        from memtrain.memory.tracker import MemoryTracker
+        from memtrain.model import build_model
+
+        ckpt_path = resume_checkpoint(resume) if resume is not None else None
+        L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+        datamodule = RadiographDataModule(cfg.data, batch_size=cfg.train.batch_size, pin_memory=env.device == "cuda")
+        # Strategies that restructure or wrap the model check its structure here, before anything is written.
+        model = plan.apply(build_model(cfg.model))
+
+        run_dir = self.open_run_dir(cfg, resume)
+        self.announce(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})")
+        module = EnhancementModule(model, plan, cfg.train, samples=cfg.run.samples, config=to_dict(cfg))
+
+        device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
+        ckpt_dir = run_dir / CHECKPOINT_DIR
+        callbacks = [
+            ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False),
+            # "last": one file, overwritten at every epoch end (or every N steps).
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="last",
+                monitor=None,
+                save_top_k=1,
+                every_n_train_steps=cfg.train.checkpoint_every_steps or None,
+                enable_version_counter=False,
+            ),
+            MetricsCSV(run_dir / "metrics.csv"),
+        ]
+        if cfg.run.samples > 0:
+            callbacks.append(SampleImages(run_dir / "samples"))
+        if cfg.memory.track:
+            callbacks.append(self.memory_callback(MemoryTracker(device), run_dir, cfg))
+
+        precision = plan.precision_plugin()
+        trainer = L.Trainer(
+            plugins=[precision] if precision is not None else None,
+            max_epochs=cfg.train.epochs,
+            max_steps=cfg.train.max_steps,
+            check_val_every_n_epoch=cfg.train.val_every,
+            limit_val_batches=cfg.train.limit_val_batches if cfg.train.limit_val_batches > 0 else None,
+            num_sanity_val_steps=0,
+            logger=False,
+            callbacks=callbacks,
+            default_root_dir=run_dir,
+            # CUDA has no deterministic kernel for the U-Net's nearest-upsampling backward:
+            # there torch warns instead of failing.
+            deterministic=(True if env.device == "cpu" else "warn") if cfg.train.deterministic else None,
+            benchmark=False if cfg.train.deterministic else None,
+            **self.trainer_options(env),
+        )
+        snapshot = allocator_snapshot(run_dir / cfg.memory.snapshot if cfg.memory.snapshot else None, device)
+        with plan.session(), snapshot:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        if getattr(snapshot, "written", None):
+            print(f"memtrain: allocator snapshot in {snapshot.written} (open it at https://pytorch.org/memory_viz)")
+        if self.is_main():
+            _print_outcome(run_dir)
+            return run_dir
+        return None
+
+    # -- hooks ---------------------------------------------------------------------------
+    def open_run_dir(self, cfg: FitConfig, resume: Path | None) -> Path:
+        return open_run_dir(cfg, resume)
+
+    def trainer_options(self, env) -> dict:
+        return {"accelerator": "gpu" if env.device == "cuda" else "cpu", "devices": 1}
+
+    def memory_callback(self, tracker, run_dir: Path, cfg: FitConfig):
+        from memtrain.memory.lightning import MemoryCallback
+
+        return MemoryCallback(tracker, run_dir / "memory.csv", blocks_csv_path=run_dir / "memory_blocks.csv", warmup_steps=cfg.memory.warmup_steps)
+
+    def is_main(self) -> bool:
+        return True
+
+    def announce(self, line: str) -> None:
+        if self.is_main():
+            print(line, flush=True)
 
 
 def choose_strategies(cfg: FitConfig, env) -> list[str]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from memtrain.config import TrainConfig
+from memtrain.loop.optim import build_optimizer
 from memtrain.loss import MSSSIMLoss, image_metrics
 from memtrain.strategies import Plan
 
@@ -39,7 +40,7 @@ class EnhancementModule(L.LightningModule):
         with self.plan.forward_context():
             out = self.model(x)
         loss = self.loss_fn(out, y)
-        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0])
+        self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -49,14 +50,14 @@ class EnhancementModule(L.LightningModule):
         model_m = image_metrics(out, y)
         ident_m = image_metrics(x, y)
         n = x.shape[0]
-        self.log("val_loss", loss, prog_bar=True, batch_size=n)
-        self.log("val_msssim", 1.0 - loss, batch_size=n)
-        self.log("val_ssim", model_m["ssim"], batch_size=n)
-        self.log("val_psnr", model_m["psnr"], prog_bar=True, batch_size=n)
-        self.log("identity_loss", 1.0 - ident_m["msssim"], batch_size=n)
-        self.log("identity_msssim", ident_m["msssim"], batch_size=n)
-        self.log("identity_ssim", ident_m["ssim"], batch_size=n)
-        self.log("identity_psnr", ident_m["psnr"], batch_size=n)
+        self.log("val_loss", loss, prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("val_msssim", 1.0 - loss, batch_size=n, sync_dist=True)
+        self.log("val_ssim", model_m["ssim"], batch_size=n, sync_dist=True)
+        self.log("val_psnr", model_m["psnr"], prog_bar=True, batch_size=n, sync_dist=True)
+        self.log("identity_loss", 1.0 - ident_m["msssim"], batch_size=n, sync_dist=True)
+        self.log("identity_msssim", ident_m["msssim"], batch_size=n, sync_dist=True)
+        self.log("identity_ssim", ident_m["ssim"], batch_size=n, sync_dist=True)
+        self.log("identity_psnr", ident_m["psnr"], batch_size=n, sync_dist=True)
         self._keep_samples(x, y, out)
         return loss
 
@@ -72,14 +73,9 @@ class EnhancementModule(L.LightningModule):
         self.sample_batch = new if self.sample_batch is None else tuple(torch.cat([a, b]) for a, b in zip(self.sample_batch, new))
 
     def configure_optimizers(self):
-        cfg = self.train_cfg
-        optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        if cfg.scheduler == "none":
+        optimizer, scheduler = build_optimizer(self.model.parameters(), self.train_cfg)
+        if scheduler is None:
             return optimizer
-        if cfg.scheduler == "cosine":
-            scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, cfg.epochs))
-        else:
-            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -10,7 +10,10 @@ overrides what it changes:
 * :meth:`Strategy.session` — process-wide settings for the whole run (e.g. TF32),
   restored afterwards;
 * :meth:`Strategy.precision_plugin` — the Lightning precision plugin (autocast and
-  gradient scaling) when the strategy owns numeric precision.
+  gradient scaling) when the strategy owns numeric precision;
+* :meth:`Strategy.runner` — how the run executes: ``None`` (the default) keeps the
+  single-process Lightning loop; placement strategies (rpc, pipeline, ddp) return the
+  :class:`Runner` that starts their processes' roles.
 
 Model transforms apply in :class:`Stage` order. The order is not a convention but a
 dependency chain, written next to each stage.
@@ -21,13 +24,15 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from pathlib import Path
 
+    from memtrain.config import FitConfig
     from memtrain.strategies.plan import Plan
 
 
@@ -68,6 +73,15 @@ class Environment:
         if accelerator == "cuda":
             return cls(device="cuda", native_bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False))
         return cls(device="cpu", native_bf16=bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()))
+
+
+class Runner(Protocol):
+    """Executes a whole `memtrain fit` run: builds the model, trains, writes the run directory.
+
+    Returns the run directory on the process that wrote it, ``None`` on other processes.
+    """
+
+    def run(self, cfg: FitConfig, plan: Plan, env: Environment, *, resume: Path | None) -> Path | None: ...
 
 
 class Strategy:
@@ -127,4 +141,8 @@ class Strategy:
         return contextlib.nullcontext()
 
     def precision_plugin(self):
+        return None
+
+    def runner(self) -> Runner | None:
+        """The runner of the whole run, or None to leave it to the default (one process, Lightning)."""
         return None

@@ -108,3 +108,14 @@ class Plan:
         if len(plugins) > 1:
             raise StrategyError(f"--strategies {self.label}: more than one strategy sets the numeric precision")
         return plugins[0] if plugins else None
+
+    def runner(self):
+        """Who runs the training: the one strategy that places the model on processes, else one Lightning process."""
+        runners = [r for r in (s.runner() for s in self.strategies) if r is not None]
+        if len(runners) > 1:
+            raise StrategyError(f"--strategies {self.label}: more than one strategy decides which processes run the model")
+        if runners:
+            return runners[0]
+        from memtrain.loop.fit import LightningRunner
+
+        return LightningRunner()

@@ -1,0 +1,166 @@
+"""Per-rank memory and step time of the multi-process strategies against single-process training.
+
+Every configuration is a real run of the real CLI — `python -m memtrain fit` for single
+process, `torchrun --standalone --nproc-per-node N -m memtrain fit` for rpc and pipeline —
+two epochs of ``--steps`` steps on phantom radiographs, memory tracking on (tensor
+backend on CPU), every process with OMP_NUM_THREADS=1. Peaks are the maximum over the
+second epoch's steps of each rank's phase peaks (from the run's per-rank memory files);
+step time is the second epoch's ``epoch_seconds`` / steps (data loading included, no
+validation). Ratios are taken against the single-process run side by side in the same
+invocation: ``peak ÷ fp32`` against plain float32 training, ``peak ÷ same`` and ``time ÷
+same`` against single-process training with the same non-placement strategies (e.g.
+rpc,amp against amp).
+
+    python benchmarks/distributed.py                       # 256² and 512², resnet34, batch 2
+    python benchmarks/distributed.py --sizes 256 --steps 2 --out /tmp/dist
+
+Writes ``distributed.csv`` and ``distributed.md`` (with versions and machine) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# (label, --strategies, processes, extra flags)
+CONFIGS = [
+    ("single fp32", "none", 1, []),
+    ("single amp", "amp", 1, []),
+    ("rpc", "rpc", 3, []),
+    ("rpc + amp", "rpc,amp", 3, []),
+    ("pipeline", "pipeline", 2, []),
+    ("pipeline + amp", "pipeline,amp", 2, []),
+    ("pipeline M=2 (1f1b)", "pipeline", 2, ["--microbatches", "2", "--pipeline-schedule", "1f1b"]),
+    ("pipeline M=2 (1f1b) + amp", "pipeline,amp", 2, ["--microbatches", "2", "--pipeline-schedule", "1f1b"]),
+]
+PLACEMENT = ("rpc", "pipeline", "ddp")
+
+
+def same_single(strategies: str) -> str:
+    rest = [s for s in strategies.split(",") if s not in PLACEMENT]
+    return ",".join(rest) or "none"
+
+
+def run(label: str, strategies: str, processes: int, extra: list[str], *, size: int, args, work: Path) -> dict:
+    from memtrain.distributed.memory import summarize_ranks
+
+    out = work / f"{size}-{label.replace(' ', '_').replace('+', 'p').replace('(', '').replace(')', '').replace('=', '')}"
+    fit = ["fit", "--data", "phantom", "--size", str(size), "--encoder", args.encoder, "--batch-size", str(args.batch_size)]
+    fit += ["--train-images", str(args.batch_size * args.steps), "--val-images", "1", "--val-every", "1000", "--epochs", "2", "--samples", "0"]
+    fit += ["--scheduler", "none", "--strategies", strategies, "--out", str(out), *extra]
+    if processes == 1:
+        cmd = [sys.executable, "-m", "memtrain", *fit]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes), "-m", "memtrain", *fit]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} at {size}: exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    with (out / "metrics.csv").open(newline="") as f:
+        epochs = list(csv.DictReader(f))
+    summary = summarize_ranks(out, skip_steps=args.steps)
+    return {
+        "size": size,
+        "label": label,
+        "strategies": strategies,
+        "processes": processes,
+        "step_seconds": float(epochs[-1]["epoch_seconds"]) / args.steps,
+        "ranks": [(r.rank, r.role, r.step) for r in summary["ranks"]],
+        "max_rank_peak_mib": summary["max"]["step"],
+        "wall_seconds": wall,
+    }
+
+
+def versions() -> str:
+    import lightning
+    import segmentation_models_pytorch as smp
+    import torch
+
+    cpu = "unknown CPU"
+    try:
+        cpu = next(ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"Python {platform.python_version()}, torch {torch.__version__}, lightning {lightning.__version__}, smp {smp.__version__}; "
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+    )
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    p.add_argument("--encoder", default="resnet34")
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--steps", type=int, default=3, help="steps per epoch (two epochs; the second is measured)")
+    p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            for label, strategies, processes, extra in CONFIGS:
+                r = run(label, strategies, processes, extra, size=size, args=args, work=Path(tmp))
+                results.append(r)
+                print(
+                    f"{size}² {label:<28} step {r['step_seconds']:6.2f} s  max rank peak {r['max_rank_peak_mib']:8.1f} MiB  ({r['wall_seconds']:.0f} s)",
+                    flush=True,
+                )
+    single = {(r["size"], r["strategies"]): r for r in results if r["processes"] == 1}
+    rows = []
+    for r in results:
+        base = single[(r["size"], "none")]
+        same = single[(r["size"], same_single(r["strategies"]))]
+        for rank, role, peak in r["ranks"]:
+            rows.append(
+                {
+                    "size": r["size"],
+                    "config": r["label"],
+                    "rank": rank,
+                    "role": role,
+                    "peak_mib": f"{peak:.1f}",
+                    "peak_vs_fp32": f"{peak / base['max_rank_peak_mib']:.3f}",
+                    "peak_vs_same": f"{peak / same['max_rank_peak_mib']:.3f}",
+                    "step_s": f"{r['step_seconds']:.3f}",
+                    "time_vs_same": f"{r['step_seconds'] / same['step_seconds']:.3f}",
+                }
+            )
+    args.out.mkdir(parents=True, exist_ok=True)
+    with (args.out / "distributed.csv").open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(rows)
+    command = "python benchmarks/distributed.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    lines = [
+        "# Distributed strategies: per-rank peak and step time vs single process",
+        "",
+        f"`{command.strip()}` — {time.strftime('%Y-%m-%d')}; {versions()}.",
+        f"U-Net {args.encoder}, batch {args.batch_size}, phantom data, {args.steps} measured steps (second epoch), OMP_NUM_THREADS=1 per process,",
+        "memory: `tensor_peak` (live tensor bytes) per rank, max over the measured steps and phases.",
+        "`peak ÷ fp32`: against single-process float32; `peak ÷ same` / `time ÷ same`: against single process with the same non-placement strategies.",
+        "",
+        "| size | config | rank | role | peak MiB | peak ÷ fp32 | peak ÷ same | step s | time ÷ same |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['size']} | {r['config']} | {r['rank']} | {r['role']} | {r['peak_mib']} | {r['peak_vs_fp32']} | {r['peak_vs_same']} | {r['step_s']} | {r['time_vs_same']} |"
+        for r in rows
+    ]
+    (args.out / "distributed.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

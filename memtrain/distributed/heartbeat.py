@@ -1,0 +1,101 @@
+"""Rank 0's heartbeat, so that the other ranks exit when it dies instead of hanging.
+
+A worker of a distributed run mostly waits: for the next remote call (rpc) or the next
+command (pipeline). If rank 0 dies, nothing wakes it up — torchrun's agent kills the
+local siblings of a dead process, but ranks on other nodes would wait for the network
+time-outs (30 minutes for gloo). So rank 0 bumps a counter in the job's key-value store
+every ``interval`` seconds, and every other rank watches it: if the counter has not
+changed for ``timeout`` seconds, or the store itself is gone (it lives with rank 0's
+agent), the rank prints one line and exits with code 1. Exit takes at most
+``timeout + interval`` seconds after rank 0's last beat.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+
+KEY = "heartbeat"
+DONE = "done"
+EXIT_MASTER_LOST = 1
+
+
+class Heartbeat:
+    """``beat`` on rank 0, ``watch`` elsewhere; a daemon thread either way. ``stop()`` ends it."""
+
+    def __init__(self, store, *, rank: int, timeout: float, interval: float = 2.0, label: str = "") -> None:
+        self.store = store
+        self.rank = rank
+        self.timeout = timeout
+        self.interval = min(interval, timeout / 4)
+        self.label = label or f"rank {rank}"
+        self._stop = threading.Event()
+        self._last_change = time.monotonic()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> Heartbeat:
+        if self.rank == 0:
+            self._spawn(self._beat)
+        else:
+            self._spawn(self._poll)
+            self._spawn(self._watch)
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def finish(self) -> None:
+        """Rank 0, at a normal end: tell the watchers to stop watching (rank 0 may exit before they do)."""
+        self._stop.set()
+        if self.rank == 0:
+            try:
+                self.store.set(KEY, DONE)
+            except Exception:
+                pass
+
+    def __enter__(self) -> Heartbeat:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _spawn(self, target) -> None:
+        t = threading.Thread(target=target, name=f"memtrain-heartbeat-{target.__name__.strip('_')}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _beat(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            n += 1
+            try:
+                self.store.set(KEY, str(n))
+            except Exception:  # the store went away: the job is ending anyway
+                return
+            self._stop.wait(self.interval)
+
+    def _poll(self) -> None:
+        # Reads may block if the network hangs; _watch decides independently of them.
+        seen = None
+        while not self._stop.is_set():
+            try:
+                if self.store.check([KEY]):
+                    value = self.store.get(KEY)
+                    if value == DONE.encode():
+                        self._stop.set()
+                        return
+                    if value != seen:
+                        seen = value
+                        self._last_change = time.monotonic()
+            except Exception:
+                pass  # store unreachable: no news, the watch times out
+            self._stop.wait(self.interval)
+
+    def _watch(self) -> None:
+        while not self._stop.wait(min(1.0, self.interval)):
+            silent = time.monotonic() - self._last_change
+            if silent > self.timeout:
+                print(f"memtrain: error: {self.label}: no heartbeat from rank 0 for {silent:.0f} s (it died or hangs); exiting", file=sys.stderr, flush=True)
+                os._exit(EXIT_MASTER_LOST)

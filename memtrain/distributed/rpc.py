@@ -1,0 +1,258 @@
+"""``rpc``: the U-Net split across processes over torch.distributed.rpc (TensorPipe).
+
+Three ranks, by ``RANK``: 0 the **master** (data, loss, logging, checkpoints — it holds no
+model), 1 the **encoder** worker, 2 the **decoder** worker (decoder and segmentation head).
+One training step, inside a distributed-autograd context:
+
+1. the master sends the batch to the encoder (``remote``: it gets back a reference to the
+   encoder's skip features, which stay on the encoder);
+2. the decoder fetches the skip features straight from the encoder (``RRef.to_here``:
+   worker to worker, not through the master), runs, and returns the output image;
+3. the master computes 1 − MS-SSIM and runs the distributed backward: gradients flow back
+   to the decoder and from the decoder to the encoder over RPC;
+4. each shard takes its gradients out of the context and steps its own Adam (and, per
+   epoch, its own learning-rate schedule). ``DistributedOptimizer`` cannot carry a
+   scheduler and its state cannot be checkpointed; per-shard optimizers can.
+
+BatchNorm layers live on their shard and update their statistics there. Train/eval mode,
+checkpoints (the shards' states merge into one checkpoint with the plain model's keys
+and a single-process optimizer layout) and resume all go through RPC to each shard.
+
+TensorPipe uses TCP by default on CPU (``--rpc-transport tcp``; its shared-memory
+transport busy-polls a core per idle process); on CUDA each rank uses GPU ``LOCAL_RANK``
+and device maps let tensors travel GPU to GPU.
+
+Memory saved: each GPU holds one shard — its parameters, gradients, optimizer state and
+activations — instead of the whole model (the paper measured ~70 % less per GPU).
+Time paid: the shards run one after the other (no overlap: that is what ``pipeline``
+adds), plus serialising skip features, the output and gradients between processes.
+Accuracy risk: none — the same arithmetic as single-process training, in other processes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+
+from memtrain.config import FitConfig, from_plain, to_dict
+from memtrain.distributed.heartbeat import Heartbeat
+from memtrain.distributed.launch import DistEnv, announce, quiet_distributed_warnings, rank_device, rendezvous_store
+from memtrain.distributed.memory import RankRecords, rank_memory
+from memtrain.distributed.shard import Shard, on_backward_threads
+from memtrain.distributed.split import DECODER, ENCODER, check_splittable, merge_optimizer_states, merge_state_dicts, split_optimizer_state, split_state_dict
+
+NAME = "rpc"
+MASTER = "master"
+ROLES = (MASTER, ENCODER, DECODER)
+TRANSPORTS = {"auto": ["uv"], "tcp": ["uv"], "shm": ["shm", "uv"]}
+
+
+class RemoteShard:
+    """A :class:`Shard` living on a worker, driven by the master over RPC."""
+
+    def __init__(self, cfg: dict, specs: list[str], part: str) -> None:
+        from memtrain.strategies import Environment, Plan
+
+        self.cfg = from_plain(cfg)
+        env = Environment.detect(self.cfg.train.accelerator)
+        device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
+        self.memory = rank_memory(device, self.cfg.memory.track)
+        self.shard = Shard(self.cfg, Plan.resolve(specs, env), part, device, self.memory, NAME)
+        self.device = device
+
+    def _inputs(self, inputs) -> tuple[torch.Tensor, ...]:
+        # The encoder gets the batch, the decoder a reference to the encoder's features.
+        value = inputs.to_here() if hasattr(inputs, "to_here") else inputs
+        tensors = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+        tensors = tuple(t.to(self.device) for t in tensors)
+        self.memory.track(*tensors)
+        return tensors
+
+    def forward(self, inputs, step: int, training: bool):
+        shard = self.shard
+        if not training:
+            with shard.work(), shard.eval_forward():
+                return shard.module(*self._inputs(inputs))
+        self.memory.start_step(step, shard.module, shard.optimizer)
+        self.memory.begin("forward")
+        with shard.work():
+            xs = self._inputs(inputs)
+            with shard.train_forward():
+                out = shard.module(*xs)
+        # This shard's part of the distributed backward runs on an engine thread, later.
+        self.memory.begin("backward")
+        on_backward_threads(out if isinstance(out, tuple) else (out,), shard.work)
+        return out
+
+    def step(self, context_id: int) -> None:
+        """Take this shard's gradients out of the distributed-autograd context and step its optimizer."""
+        import torch.distributed.autograd as dist_autograd
+
+        self.memory.begin("optimizer")
+        with self.shard.work():
+            grads = dist_autograd.get_gradients(context_id)
+            for p in self.shard.module.parameters():
+                p.grad = grads.get(p)
+            self.shard.optimizer_step()
+        self.memory.end_step()
+
+    def set_training(self, mode: bool) -> None:
+        self.shard.set_training(mode)
+
+    def scheduler_step(self) -> None:
+        self.shard.scheduler_step()
+
+    def lr(self) -> float:
+        return self.shard.lr()
+
+    def state(self) -> dict:
+        return self.shard.state()
+
+    def load(self, state: dict) -> None:
+        self.shard.load(state)
+
+    def n_params(self) -> int:
+        return self.shard.n_params()
+
+    def memory_records(self) -> list:
+        return list(self.memory.records)
+
+
+class RPCEngine:
+    """The master's handle on the two shards: what :func:`memtrain.distributed.master.train` drives."""
+
+    label = NAME
+
+    def __init__(self, cfg: FitConfig, plan, device: torch.device, memory) -> None:
+        import torch.distributed.rpc as rpc
+
+        from memtrain.loss import MSSSIMLoss
+
+        self.device, self.memory = device, memory
+        self.loss_fn = plan.wrap_loss(MSSSIMLoss())
+        args = (to_dict(cfg), plan.specs)
+        self.shards = {part: rpc.remote(part, RemoteShard, args=(*args, part)) for part in (ENCODER, DECODER)}
+        # Surface a shard's construction error here, not at the first step.
+        self._n_params = {part: rref.rpc_sync().n_params() for part, rref in self.shards.items()}
+
+    def _all(self, method: str, *args) -> list:
+        futures = [getattr(rref.rpc_async(), method)(*args) for rref in self.shards.values()]
+        return [f.wait() for f in futures]
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
+        import torch.distributed.autograd as dist_autograd
+
+        m = self.memory
+        enc, dec = self.shards[ENCODER], self.shards[DECODER]
+        m.start_step(step, x, y)
+        m.begin("forward")
+        with m.counting(), dist_autograd.context() as ctx:
+            features = enc.remote().forward(x, step, True)
+            out = dec.rpc_sync().forward(features, step, True)
+            m.track(out)
+            loss = self.loss_fn(out, y)
+            del out
+            m.begin("backward")
+            on_backward_threads((loss,), m.counting)
+            dist_autograd.backward(ctx, [loss])
+            m.begin("optimizer")
+            self._all("step", ctx)
+            del features
+        m.end_step()
+        return float(loss.detach())
+
+    @torch.no_grad()
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.shards[ENCODER].remote().forward(x, -1, False)
+        return self.shards[DECODER].rpc_sync().forward(features, -1, False).float()
+
+    def set_training(self, mode: bool) -> None:
+        self._all("set_training", mode)
+
+    def scheduler_step(self) -> None:
+        self._all("scheduler_step")
+
+    def lr(self) -> float:
+        return self.shards[ENCODER].rpc_sync().lr()
+
+    def state(self) -> dict:
+        enc, dec = self._all("state")
+        return {
+            "state_dict": merge_state_dicts(enc["module"], dec["module"]),
+            "optimizer_states": [merge_optimizer_states(enc["optimizer"], dec["optimizer"])],
+            "lr_schedulers": [enc["scheduler"]] if enc["scheduler"] is not None else [],
+        }
+
+    def load(self, state_dict: dict, optimizer_state: dict | None, scheduler_state: dict | None) -> None:
+        modules = split_state_dict(state_dict)
+        optims = split_optimizer_state(optimizer_state, self._n_params[ENCODER]) if optimizer_state else {ENCODER: None, DECODER: None}
+        futures = [
+            rref.rpc_async().load({"module": modules[part], "optimizer": optims[part], "scheduler": scheduler_state}) for part, rref in self.shards.items()
+        ]
+        for f in futures:
+            f.wait()
+
+    def memory_records(self) -> list[RankRecords]:
+        enc, dec = self._all("memory_records")
+        return [RankRecords(0, MASTER, list(self.memory.records)), RankRecords(1, ENCODER, enc), RankRecords(2, DECODER, dec)]
+
+    def close(self) -> None:
+        self.shards.clear()
+
+
+def backend_options(cfg: FitConfig, denv: DistEnv, device: torch.device, store):
+    """TensorPipe options: transport, time-out, and GPU device maps between the ranks' GPUs."""
+    import torch.distributed.rpc as rpc
+
+    opts = rpc.TensorPipeRpcBackendOptions(
+        num_worker_threads=8,
+        rpc_timeout=cfg.dist.rpc_timeout,
+        init_method="env://",
+        _transports=None if device.type == "cuda" and cfg.dist.rpc_transport == "auto" else TRANSPORTS[cfg.dist.rpc_transport],
+    )
+    if device.type == "cuda":
+        store.set(f"device/{denv.rank}", str(device.index))
+        indices = {r: int(store.get(f"device/{r}")) for r in range(denv.world_size)}
+        for r, name in enumerate(ROLES):
+            if r != denv.rank:
+                opts.set_device_map(name, {device.index: indices[r]})
+    return opts
+
+
+class RPCRunner:
+    """Starts this process's role of an rpc run: the master trains, the workers serve until it is done."""
+
+    def run(self, cfg: FitConfig, plan, env, *, resume: Path | None) -> Path | None:
+        import torch.distributed.rpc as rpc
+
+        denv = DistEnv.from_environ(NAME, "3 processes (master, encoder, decoder)")
+        denv.require_world(NAME, (3,), "3 processes: the master (data, loss, logging), the encoder and the decoder")
+        check_splittable(cfg.model.encoder, NAME)
+        quiet_distributed_warnings()
+        role = ROLES[denv.rank]
+        device = rank_device(denv, env.device)
+        announce(denv, role, device)
+        store = rendezvous_store(denv)
+        heartbeat = Heartbeat(store, rank=denv.rank, timeout=cfg.dist.master_timeout, label=f"rank {denv.rank} ({role})").start()
+        rpc.init_rpc(role, rank=denv.rank, world_size=denv.world_size, rpc_backend_options=backend_options(cfg, denv, device, store))
+        if not denv.is_master:
+            # Serve the master's calls; returns once every rank has called shutdown.
+            rpc.shutdown()
+            heartbeat.stop()
+            return None
+        from memtrain.distributed.master import train
+
+        graceful = False
+        try:
+            run_dir = train(cfg, plan, env, resume=resume, device=device, engine_factory=lambda memory: RPCEngine(cfg, plan, device, memory))
+            graceful = True
+            return run_dir
+        finally:
+            with contextlib.suppress(Exception):
+                rpc.shutdown(graceful=graceful)
+            if graceful:
+                heartbeat.finish()
+            else:  # a failed master just stops beating: the workers notice and exit
+                heartbeat.stop()

@@ -1,0 +1,506 @@
+"""Multi-process strategies (rpc, pipeline, ddp) in real processes on localhost.
+
+Every rank is a real `python -m memtrain fit` process (started with the variables torchrun
+sets, or by real `torchrun` invocations), talking over real gloo / TensorPipe on
+127.0.0.1, with OMP_NUM_THREADS=1. Results are compared with single-process training
+computed here, step by step in one process, on the same batches.
+
+The reference runs under a tensor-counting dispatch mode, as the distributed runs do
+(memory tracking is on): under any Python dispatch mode PyTorch takes the
+subclass-safe formula for ``prod``'s backward (used by MS-SSIM), which differs from the
+plain one by float rounding — the comparisons below are exact to ≤ 1e-6 only when both
+sides take the same formula.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, cli_env, phantom_batch, warmed_unet
+
+from memtrain import config as C
+from memtrain.errors import StrategyError
+
+TINY = ["--config", str(ROOT / "configs" / "ci-tiny.yaml")]
+TOL = 1e-6
+LAUNCH_TIMEOUT = 240  # a hang fails the test instead of blocking CI
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _kill(procs) -> None:
+    for p in procs:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+    for p in procs:
+        with contextlib.suppress(Exception):
+            p.wait(timeout=30)
+
+
+def run_ranks(world: int, *args: str, timeout: float = LAUNCH_TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """`python -m memtrain fit ARGS` as ``world`` ranks with torchrun's variables (static rendezvous on 127.0.0.1)."""
+    port = free_port()
+    procs = []
+    try:
+        for rank in range(world):
+            env = cli_env(
+                OMP_NUM_THREADS="1",
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(world),
+                LOCAL_WORLD_SIZE=str(world),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+            )
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "memtrain", "fit", *args],
+                    cwd=ROOT,
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    start_new_session=True,
+                )
+            )
+        results = []
+        deadline = time.time() + timeout
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.time()))
+            results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+        return results
+    finally:
+        _kill(procs)
+
+
+def assert_ok(results) -> None:
+    for rank, r in enumerate(results):
+        assert r.returncode == 0, f"rank {rank} exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with path.open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def reference(run_dir: Path, *, microbatches: int = 1, strategies: str = "none") -> dict:
+    """Single-process training of the run's configuration on the run's batches, in this process."""
+    from memtrain.data.module import build_datasets
+    from memtrain.distributed.launch import seed_all
+    from memtrain.distributed.master import epoch_order
+    from memtrain.distributed.shard import autocast_of
+    from memtrain.loop.optim import build_optimizer
+    from memtrain.loss import MSSSIMLoss
+    from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
+    from memtrain.model import build_model
+    from memtrain.strategies import Environment, Plan
+
+    cfg = C.load_yaml(run_dir / "config.yaml")
+    ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    plan = Plan.resolve(strategies, Environment(device="cpu", native_bf16=False))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seed_all(cfg.train.seed)
+        model = plan.apply(build_model(cfg.model))
+        optimizer, scheduler = build_optimizer(model.parameters(), cfg.train)
+        train_set, _ = build_datasets(cfg.data)
+        loss_fn = MSSSIMLoss()
+        losses, lrs, step = [], [], 0
+        with plan.session(), TensorBytesMode(LiveTensorBytes()):
+            for epoch in range(int(ckpt["epoch"])):
+                order = epoch_order(len(train_set), cfg.train.seed, epoch)
+                epoch_losses = []
+                for i in range(0, len(order), cfg.train.batch_size):
+                    x, y = (torch.stack(t) for t in zip(*(train_set[j] for j in order[i : i + cfg.train.batch_size])))
+                    total = 0.0
+                    for xm, ym in zip(x.chunk(microbatches), y.chunk(microbatches)):
+                        with autocast_of(plan), plan.forward_context():
+                            out = model(xm)
+                        loss = loss_fn(out, ym)
+                        (loss / microbatches).backward()
+                        total += float(loss.detach()) / microbatches
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    epoch_losses.append(total)
+                    step += 1
+                losses.append(sum(epoch_losses) / len(epoch_losses))
+                lrs.append(optimizer.param_groups[0]["lr"])
+                if scheduler is not None:
+                    scheduler.step()
+    finally:
+        torch.set_num_threads(threads)
+    return {"losses": losses, "lrs": lrs, "steps": step, "state": model.state_dict(), "optimizer": optimizer.state_dict(), "ckpt": ckpt}
+
+
+def assert_same_training(run_dir: Path, ref: dict) -> None:
+    ckpt = ref["ckpt"]
+    got = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    assert set(got) == set(ref["state"]), "checkpoint keys differ from the plain model's"
+    worst = max((got[k].double() - v.double()).abs().max().item() for k, v in ref["state"].items())
+    assert worst <= TOL, f"parameters/BatchNorm buffers differ from single-process training by {worst:.3g}"
+    bn = [k for k in ref["state"] if k.endswith("running_mean")]
+    assert bn and all(
+        torch.equal(got[k.replace("running_mean", "num_batches_tracked")], ref["state"][k.replace("running_mean", "num_batches_tracked")]) for k in bn
+    )
+    opt = ckpt["optimizer_states"][0]
+    assert opt["param_groups"][0]["params"] == ref["optimizer"]["param_groups"][0]["params"]
+    for i, s in ref["optimizer"]["state"].items():
+        for name in ("exp_avg", "exp_avg_sq"):
+            assert (opt["state"][i][name] - s[name]).abs().max().item() <= TOL, (i, name)
+    metrics = rows(run_dir / "metrics.csv")
+    assert [float(r["train_loss"]) for r in metrics] == pytest.approx(ref["losses"], abs=2e-6)
+    assert [float(r["lr"]) for r in metrics] == pytest.approx(ref["lrs"], rel=1e-5)
+    assert int(ckpt["global_step"]) == ref["steps"]
+    # Gradients were alive: the loss moved and stayed below 1 (1 − MS-SSIM is flat at 1).
+    assert all(v < 0.999 for v in ref["losses"]) and len(set(ref["losses"])) == len(ref["losses"])
+
+
+def assert_rank_memory(run_dir: Path, roles: list[str]) -> None:
+    from memtrain.distributed.memory import summarize_ranks
+
+    summary = summarize_ranks(run_dir, skip_steps=0)
+    assert [r.role for r in summary["ranks"]] == roles
+    assert all(r.phases.keys() == {"forward", "backward", "optimizer"} for r in summary["ranks"])
+    assert summary["max"]["step"] == max(r.step for r in summary["ranks"])
+    assert summary["mean"]["step"] == pytest.approx(sum(r.step for r in summary["ranks"]) / len(roles))
+
+
+# --------------------------------------------------------------------------- in one process
+
+
+def test_shards_compose_to_the_whole_unet_and_merge_back():
+    """Encoder shard then decoder shard = the U-Net (outputs, gradients); states merge into the plain model's layout."""
+    from memtrain.distributed.split import merge_optimizer_states, merge_state_dicts, split_optimizer_state, split_state_dict, split_unet
+    from memtrain.loss import MSSSIMLoss
+
+    x, y = phantom_batch(64)
+    whole, cut = warmed_unet(), warmed_unet()
+    out = whole(x)
+    MSSSIMLoss()(out, y).backward()
+    encoder, decoder = split_unet(cut)
+    features = encoder(x)
+    received = [f.detach().requires_grad_() for f in features]  # as another process receives them
+    out_split = decoder(*received)
+    assert torch.equal(out_split, out)
+    MSSSIMLoss()(out_split, y).backward()
+    assert all(r.grad.is_contiguous() for r in received)  # gloo can send them
+    torch.autograd.backward(features, [r.grad for r in received])
+    for (name, p), q in zip(whole.named_parameters(), cut.parameters()):
+        assert torch.equal(p.grad, q.grad), name
+    # States: the shards' state dicts and Adam states are the whole model's.
+    opts = [torch.optim.Adam(m.parameters(), lr=1e-3) for m in (whole, encoder, decoder)]
+    for o in opts:
+        o.step()
+    merged = merge_state_dicts(encoder.state_dict(), decoder.state_dict())
+    assert list(merged) == list(whole.state_dict())
+    assert split_state_dict(merged)["encoder"].keys() == encoder.state_dict().keys()
+    state = merge_optimizer_states(opts[1].state_dict(), opts[2].state_dict())
+    ref = opts[0].state_dict()
+    assert state["param_groups"] == ref["param_groups"] and state["state"].keys() == ref["state"].keys()
+    for i in ref["state"]:
+        assert torch.equal(state["state"][i]["exp_avg"], ref["state"][i]["exp_avg"])
+    back = split_optimizer_state(state, len(list(encoder.parameters())))
+    opts[2].load_state_dict(back["decoder"])
+
+
+def test_gradients_of_concatenated_skips_are_not_contiguous_without_the_fix():
+    """The mechanism behind gloo's 'input tensor has to be contiguous' and its fix."""
+    from memtrain.distributed.split import ContiguousGrad
+
+    skip = torch.randn(1, 4, 8, 8, requires_grad=True)
+    up = torch.randn(1, 4, 8, 8)
+    torch.cat([up, skip], dim=1).sum(dim=(0, 2, 3)).mul(torch.arange(8.0)).sum().backward()
+    raw = skip.grad
+    skip.grad = None
+    torch.cat([up, ContiguousGrad.apply(skip)], dim=1).sum(dim=(0, 2, 3)).mul(torch.arange(8.0)).sum().backward()
+    assert torch.equal(raw, skip.grad)
+    assert skip.grad.is_contiguous()
+
+
+def test_split_checks_its_input_and_model():
+    from memtrain.distributed.split import check_splittable, split_unet
+
+    encoder, _ = split_unet(warmed_unet())
+    with pytest.raises(ValueError, match="divisible by 32"):
+        encoder(torch.zeros(1, 1, 80, 64))
+    with pytest.raises(StrategyError, match=r"supports ResNet encoders .*--encoder efficientnet-b0 is not one"):
+        check_splittable("efficientnet-b0", "rpc")
+    check_splittable("resnext50_32x4d", "rpc")
+    with pytest.raises(StrategyError, match="can only split a U-Net"):
+        split_unet(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 3)), "pipeline")
+
+
+def test_placement_strategies_resolve_exclusively_and_need_torchrun():
+    from memtrain.distributed.launch import DistEnv
+    from memtrain.distributed.rpc import RPCRunner
+    from memtrain.loop.fit import LightningRunner
+    from memtrain.strategies import Environment, Plan
+
+    cpu = Environment(device="cpu", native_bf16=False)
+    with pytest.raises(StrategyError, match="'rpc' and 'pipeline' both decide"):
+        Plan.resolve("rpc,pipeline", cpu)
+    with pytest.raises(StrategyError, match="amp:fp16 needs one loss scaler"):
+        Plan.resolve("pipeline,amp:fp16", cpu)
+    Plan.resolve("ddp,amp:fp16", cpu)  # Lightning's DDP carries the GradScaler
+    assert isinstance(Plan.resolve("amp,rpc", cpu).runner(), RPCRunner)
+    assert isinstance(Plan.resolve("amp", cpu).runner(), LightningRunner)
+    assert [s.name for s in Plan.resolve("rpc,amp", cpu).strategies] == ["amp", "rpc"]  # placement applies last
+    with pytest.raises(StrategyError, match=r"started by torchrun \(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set\).*torchrun --nproc-per-node"):
+        DistEnv.from_environ("rpc", "3 processes", environ={})
+    env = DistEnv.from_environ("rpc", "3 processes", environ={"RANK": "1", "WORLD_SIZE": "2", "MASTER_ADDR": "h", "MASTER_PORT": "1"})
+    with pytest.raises(StrategyError, match=r"needs 3 processes.*WORLD_SIZE=2"):
+        env.require_world("rpc", (3,), "3 processes")
+
+
+def test_microbatches_must_divide_the_batch():
+    from memtrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--microbatches 3: expected a divisor of --batch-size 2"):
+        C.from_dict({"train": {"batch_size": 2}, "dist": {"microbatches": 3}}, "x").validate()
+
+
+def test_fit_with_rpc_outside_torchrun_is_a_one_line_error(tmp_path):
+    from memtrain.loop.fit import fit
+
+    cfg = C.load_yaml(ROOT / "configs" / "ci-tiny.yaml")
+    cfg.strategies = ["rpc"]
+    cfg.run.out = str(tmp_path / "run")
+    with pytest.raises(StrategyError, match="torchrun"):
+        fit(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_rank_memory_files_summarize_per_rank_mean_and_max(tmp_path):
+    from memtrain.distributed.memory import RankRecords, format_rank_table, rank_peaks, summarize_ranks, write_rank_files
+    from memtrain.memory.tracker import MIB, PhaseRecord
+
+    def records(scale):
+        return [
+            PhaseRecord(s, p, {"tensor_peak": int(scale * (s + 1 + i) * MIB), "tensor_increase": 0})
+            for s in range(3)
+            for i, p in enumerate(("forward", "backward", "optimizer"))
+        ]
+
+    write_rank_files(tmp_path, [RankRecords(0, "master", records(1)), RankRecords(1, "encoder", records(10)), RankRecords(2, "decoder", records(4))])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["memory.csv", "memory.rank1.csv", "memory.rank2.csv"]
+    assert rows(tmp_path / "memory.rank1.csv")[0]["role"] == "encoder"
+    peaks = rank_peaks(tmp_path, skip_steps=1)
+    assert [(p.rank, p.role, p.step) for p in peaks] == [(0, "master", 5.0), (1, "encoder", 50.0), (2, "decoder", 20.0)]
+    summary = summarize_ranks(tmp_path)
+    assert summary["max"] == {"forward": 30.0, "backward": 40.0, "optimizer": 50.0, "step": 50.0}
+    assert summary["mean"]["step"] == pytest.approx(25.0)
+    assert "encoder" in format_rank_table(summary)
+
+
+def test_heartbeat_ends_a_worker_when_rank_0_stops_beating():
+    """A real TCPStore here, a watching process there: it exits (code 1, one line) once the beats stop."""
+    from datetime import timedelta
+
+    from memtrain.distributed.heartbeat import Heartbeat
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 2, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    beat = Heartbeat(store, rank=0, timeout=2.0, interval=0.2).start()
+    code = (
+        "import sys, time, torch; from datetime import timedelta; from memtrain.distributed.heartbeat import Heartbeat\n"
+        f"store = torch.distributed.TCPStore('127.0.0.1', {store.port}, 2, is_master=False, timeout=timedelta(seconds=30))\n"
+        "Heartbeat(store, rank=1, timeout=2.0, interval=0.2, label='rank 1 (test)').start()\n"
+        "print('watching', flush=True); time.sleep(60)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        assert proc.stdout.readline().strip() == "watching"
+        time.sleep(4.0)
+        assert proc.poll() is None, "the worker exited while rank 0 was beating"
+        beat.stop()
+        stopped = time.monotonic()
+        proc.wait(timeout=20)
+        assert proc.returncode == 1 and time.monotonic() - stopped < 10
+        assert "rank 1 (test): no heartbeat from rank 0" in proc.stderr.read()
+    finally:
+        _kill([proc])
+
+
+# --------------------------------------------------------------------------- real processes
+
+SMALL_RUN = [*TINY, "--train-images", "2", "--val-images", "1", "--lr", "1e-4", "--samples", "1"]
+
+
+@pytest.mark.slow
+def test_rpc_trains_exactly_like_one_process_with_its_lr_schedule(tmp_path):
+    """rpc (master + encoder + decoder) = single-process training: loss, parameters, BatchNorm buffers, Adam state; StepLR per epoch."""
+    from memtrain.distributed.memory import rank_peaks
+
+    out = tmp_path / "rpc"
+    results = run_ranks(3, *SMALL_RUN, "--strategies", "rpc", "--epochs", "3", "--scheduler", "step", "--step-size", "1", "--gamma", "0.5", "--out", str(out))
+    assert_ok(results)
+    assert re.search(r"rank 1/3 \(encoder\) pid \d+", results[1].stdout) and "rank 2/3 (decoder)" in results[2].stdout
+    ref = reference(out)
+    assert ref["lrs"] == pytest.approx([1e-4, 5e-5, 2.5e-5])
+    assert_same_training(out, ref)
+    assert_rank_memory(out, ["master", "encoder", "decoder"])
+    metrics = rows(out / "metrics.csv")
+    assert all(r["val_loss"] and r["identity_psnr"] for r in metrics)  # validation ran in eval mode through RPC
+    assert (out / "samples" / "epoch_2.png").exists() and (out / "checkpoints" / "best.ckpt").exists()
+    # The shards hold the model; the master holds a batch and the output.
+    peaks = {r.role: r.step for r in rank_peaks(out)}
+    assert peaks["master"] < 0.05 * peaks["encoder"]
+
+
+@pytest.mark.slow
+def test_pipeline_with_one_microbatch_trains_exactly_like_one_process(tmp_path):
+    out = tmp_path / "pipe"
+    results = run_ranks(2, *SMALL_RUN, "--strategies", "pipeline", "--epochs", "2", "--out", str(out))
+    assert_ok(results)
+    assert_same_training(out, reference(out))
+    assert_rank_memory(out, ["encoder", "decoder"])
+
+
+@pytest.mark.slow
+def test_ddp_replicas_average_gradients_and_rank_0_writes(tmp_path):
+    """ddp: 2 replicas × batch 1 = one step over both images with averaged gradients; rank 0's BatchNorm statistics."""
+    from torch.utils.data import DistributedSampler
+
+    from memtrain.data.module import build_datasets
+    from memtrain.distributed.launch import seed_all
+    from memtrain.loss import MSSSIMLoss
+    from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
+    from memtrain.model import build_model
+
+    out = tmp_path / "ddp"
+    results = run_ranks(2, *TINY, "--strategies", "ddp", "--batch-size", "1", "--lr", "1e-4", "--val-images", "1", "--out", str(out))
+    assert_ok(results)
+    assert "2 replicas × --batch-size 1 = 2 images per step" in results[0].stdout
+    cfg = C.load_yaml(out / "config.yaml")
+    train_set, _ = build_datasets(cfg.data)
+    orders = []
+    for rank in range(2):
+        sampler = DistributedSampler(train_set, num_replicas=2, rank=rank, shuffle=True, seed=cfg.train.seed)
+        sampler.set_epoch(0)
+        orders.append(list(sampler))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seed_all(cfg.train.seed)
+        replicas = [build_model(cfg.model) for _ in range(2)]
+        replicas[1].load_state_dict(replicas[0].state_dict())
+        optimizer = torch.optim.Adam(replicas[0].parameters(), lr=cfg.train.lr)
+        with TensorBytesMode(LiveTensorBytes()):
+            for step in range(len(orders[0])):
+                replicas[1].load_state_dict(replicas[0].state_dict())  # DDP: same parameters, rank 0's buffers
+                for rank, model in enumerate(replicas):
+                    x, y = (t[None] for t in train_set[orders[rank][step]])
+                    MSSSIMLoss()(model(x), y).backward()
+                for p, q in zip(replicas[0].parameters(), replicas[1].parameters()):
+                    p.grad = (p.grad + q.grad) / 2
+                    q.grad = None
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    finally:
+        torch.set_num_threads(threads)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    got = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    ref = replicas[0].state_dict()
+    assert set(got) == set(ref)
+    worst = max((got[k].double() - v.double()).abs().max().item() for k, v in ref.items())
+    assert worst <= TOL, worst
+    assert ckpt["global_step"] == 2
+    assert_rank_memory(out, ["replica", "replica"])
+    assert [r["epoch"] for r in rows(out / "metrics.csv")] == ["0"]
+
+
+def _torchrun(*args: str, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "torch.distributed.run", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=cli_env(OMP_NUM_THREADS="1"), stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait(procs, timeout: float) -> None:
+    deadline = time.time() + timeout
+    for p in procs:
+        p.wait(timeout=max(1.0, deadline - time.time()))
+
+
+@pytest.mark.slow
+def test_pipeline_microbatches_on_two_torchrun_nodes_equal_gradient_accumulation(tmp_path):
+    """Two torchrun invocations as two nodes (c10d rendezvous on 127.0.0.1): 2 microbatches under 1F1B = accumulation over them."""
+    out = tmp_path / "pipe2"
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = ["--nnodes", "2", "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "pipe2", "-m", "memtrain", "fit"]
+    fit_args = [*SMALL_RUN, "--strategies", "pipeline", "--microbatches", "2", "--pipeline-schedule", "1f1b", "--epochs", "2", "--out", str(out)]
+    logs = [tmp_path / f"node{i}.log" for i in range(2)]
+    procs = [_torchrun(*args, *fit_args, log=logs[i]) for i in range(2)]
+    try:
+        _wait(procs, LAUNCH_TIMEOUT)
+    finally:
+        _kill(procs)
+    text = "".join(p.read_text() for p in logs)
+    assert all(p.returncode == 0 for p in procs), text[-4000:]
+    assert "(encoder stage)" in text and "(decoder stage)" in text
+    assert_same_training(out, reference(out, microbatches=2))
+
+
+@pytest.mark.slow
+def test_rpc_amp_master_death_ends_workers_and_the_run_resumes(tmp_path):
+    """rpc,amp on two torchrun 'nodes' (1 + 2 processes): kill the master → every process exits within 60 s;
+    resume with one torchrun → the finished run equals uninterrupted single-process amp training."""
+    out = tmp_path / "rpc"
+    endpoint = f"127.0.0.1:{free_port()}"
+    fit_args = [*TINY, "--strategies", "rpc,amp", "--train-images", "12", "--val-images", "1", "--lr", "1e-4", "--epochs", "2", "--samples", "0"]
+    fit_args += ["--checkpoint-every-steps", "1", "--master-timeout", "10", "--out", str(out)]
+    common = ["--nnodes", "2", "--rdzv-backend", "c10d", "--rdzv-endpoint", endpoint, "--rdzv-id", "rpcamp", "-m", "memtrain", "fit", *fit_args]
+    logs = [tmp_path / "nodeA.log", tmp_path / "nodeB.log"]
+    procs = [_torchrun("--nproc-per-node", "1", *common, log=logs[0]), _torchrun("--nproc-per-node", "2", *common, log=logs[1])]
+    try:
+        deadline = time.time() + LAUNCH_TIMEOUT
+        master_pid = None
+        while time.time() < deadline and all(p.poll() is None for p in procs):
+            found = re.search(r"rank 0/3 \(master\) pid (\d+)", "".join(p.read_text() for p in logs))
+            master_pid = int(found.group(1)) if found else None
+            ckpt = out / "checkpoints" / "last.ckpt"
+            if master_pid and ckpt.exists() and torch.load(ckpt, weights_only=True)["global_step"] >= 2:
+                break
+            time.sleep(0.5)
+        assert master_pid and all(p.poll() is None for p in procs), "".join(p.read_text() for p in logs)[-4000:]
+        os.kill(master_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        _wait(procs, 60)
+        assert time.monotonic() - killed < 60
+        assert all(p.returncode != 0 for p in procs)
+    finally:
+        _kill(procs)
+    done = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
+    assert 2 <= done < 12
+    log = tmp_path / "resume.log"
+    resume = _torchrun("--standalone", "--nproc-per-node", "3", "-m", "memtrain", "fit", "--resume", str(out), log=log)
+    try:
+        _wait([resume], LAUNCH_TIMEOUT)
+    finally:
+        _kill([resume])
+    assert resume.returncode == 0, log.read_text()[-4000:]
+    assert f"resumed at epoch {done // 6}, step {done}" in log.read_text()
+    ref = reference(out, strategies="amp")
+    assert ref["steps"] == 12
+    assert_same_training(out, ref)
+    mem = rows(out / "memory.rank1.csv")
+    assert sorted({int(r["step"]) for r in mem}) == list(range(12))  # rows kept across the resume
