@@ -28,6 +28,15 @@ def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:
     )
 
 
+def loader_workers(cfg: DataConfig, pin_memory: bool) -> int:
+    """``--workers``, with -1 resolved: up to 4 when feeding a GPU, none on a CPU."""
+    if cfg.workers >= 0:
+        return cfg.workers
+    # On a GPU, generating/decoding large radiographs in the training process starves
+    # the device; on a CPU the workers would take cores from the training itself.
+    return min(4, max(1, (os.cpu_count() or 2) - 1)) if pin_memory else 0
+
+
 class RadiographDataModule(L.LightningDataModule):
     """Train/validation loaders over phantom or folder radiographs."""
 
@@ -40,11 +49,7 @@ class RadiographDataModule(L.LightningDataModule):
 
     @property
     def workers(self) -> int:
-        if self.cfg.workers >= 0:
-            return self.cfg.workers
-        # On a GPU, generating/decoding large radiographs in the training process starves
-        # the device; on a CPU the workers would take cores from the training itself.
-        return min(4, max(1, (os.cpu_count() or 2) - 1)) if self.pin_memory else 0
+        return loader_workers(self.cfg, self.pin_memory)
 
     def _loader(self, ds: Dataset, shuffle: bool) -> DataLoader:
         workers = self.workers

@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from memtrain.config import FitConfig, to_dict
+from memtrain.data.module import loader_workers
 from memtrain.distributed.memory import earlier_rows, format_rank_table, memory_file, rank_memory, summarize_ranks, write_rank_files
 from memtrain.errors import CheckpointError
 from memtrain.loop.callbacks import METRIC_COLUMNS, render_samples
@@ -49,7 +50,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
 
 def train_batches(dataset: Dataset, cfg: FitConfig, epoch: int, skip_batches: int = 0, pin_memory: bool = False) -> DataLoader:
     order = epoch_order(len(dataset), cfg.train.seed, epoch)[skip_batches * cfg.train.batch_size :]
-    return DataLoader(Subset(dataset, order), batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.workers, pin_memory=pin_memory)
+    return DataLoader(
+        Subset(dataset, order), batch_size=cfg.train.batch_size, shuffle=False, num_workers=loader_workers(cfg.data, pin_memory), pin_memory=pin_memory
+    )
 
 
 def save_checkpoint(path: Path, ckpt: dict[str, Any]) -> None:
@@ -153,7 +156,7 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
         n = 0
         sample = None
         engine.set_training(False)
-        loader = DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, num_workers=cfg.data.workers, pin_memory=pin)
+        loader = DataLoader(val_set, batch_size=cfg.train.batch_size, shuffle=False, num_workers=loader_workers(cfg.data, pin), pin_memory=pin)
         for i, (x, y) in enumerate(loader):
             if 0 < cfg.train.limit_val_batches <= i:
                 break
