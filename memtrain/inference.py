@@ -175,6 +175,7 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu") -> Tra
     _check_keys(model, weights, path, strategies)
     model.load_state_dict(weights, strict=True)
     model.eval().requires_grad_(False)
+    freeze_observers(model)
     return Trained(model.to(device), cfg, strategies, path)
 
 
@@ -188,7 +189,8 @@ def _check_keys(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, 
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
-    mismatched = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    resizing = _self_resizing_prefixes(model)
+    mismatched = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape) and not k.startswith(resizing)]
     if not (missing or unexpected or mismatched):
         return
     parts = []
@@ -201,6 +203,33 @@ def _check_keys(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, 
         parts.append(f"{len(mismatched)} of another shape (e.g. {k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)})")
     label = ",".join(s.spec for s in strategies) or "none"
     raise CheckpointError(f"{path}: weights do not match the rebuilt model (strategies: {label}): " + "; ".join(parts))
+
+
+def freeze_observers(model: nn.Module) -> nn.Module:
+    """Stop ``torch.ao`` fake-quant observers (``quant:qat``) from updating: inference must be a pure function.
+
+    A ``FakeQuantize`` observes whenever its ``observer_enabled`` flag is set, in eval mode
+    too, so without this every forward would move the quantization ranges and the same
+    image would enhance differently depending on what ran before. The trained ranges are
+    kept, and fake quantization stays on (it is what the int8 model computes).
+    """
+    from torch.ao.quantization import disable_observer
+
+    return model.apply(disable_observer)
+
+
+def _self_resizing_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of modules that resize their own buffers on load.
+
+    ``torch.ao`` fake-quant modules and observers start with 1-element ``scale`` /
+    ``zero_point`` / ``min_val`` / ``max_val`` buffers that become per-channel after the
+    first training forward; their ``_load_from_state_dict`` resizes them to the saved
+    shapes (a ``quant:qat`` checkpoint), so a shape difference there is not a mismatch.
+    """
+    from torch.ao.quantization import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    return tuple(f"{name}." for name, mod in model.named_modules() if name and isinstance(mod, (FakeQuantizeBase, ObserverBase)))
 
 
 # --------------------------------------------------------------------------- memory

@@ -9,7 +9,7 @@ import numpy as np
 import pydicom
 import pytest
 import torch
-from conftest import pydicom_test_file
+from conftest import ROOT, pydicom_test_file
 from torch import nn
 
 from memtrain.data.phantom import phantom_radiograph
@@ -130,6 +130,51 @@ def test_architecture_strategies_are_replayed_and_others_are_not(tmp_path, train
     x = torch.from_numpy(_image(64, 96))[None, None]
     with torch.no_grad():
         assert torch.equal(trained.model(x), model.eval()(x))
+
+
+@pytest.mark.slow
+def test_momentum_and_qat_checkpoints_from_fit_load_as_one_plain_module(tmp_path):
+    """Real `fit` checkpoints of the architecture-changing strategies rebuild from their saved config alone."""
+    import segmentation_models_pytorch as smp
+    from torch.ao.quantization import FakeQuantizeBase
+
+    from memtrain.config import load_yaml
+    from memtrain.loop.fit import fit
+    from memtrain.strategies.momentum import momentum_stages
+
+    x = torch.from_numpy(np.stack([_image(64, 96, 0), _image(64, 96, 1)]))[:, None]
+    for spec in ("momentum", "quant:qat"):
+        cfg = load_yaml(ROOT / "configs" / "ci-tiny.yaml")
+        cfg.strategies = [spec]
+        cfg.train.max_steps = 1
+        cfg.model.zero_head = False
+        cfg.run.samples = 0
+        cfg.memory.track = False
+        cfg.run.out = str(tmp_path / spec.replace(":", "_"))
+        path = fit(cfg) / "checkpoints" / "last.ckpt"  # one step: no validation yet, so no best.ckpt
+        saved = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+        trained = load_trained(path)
+        model = trained.model
+        assert type(model) is smp.Unet and not model.training and trained.specs[0].startswith(spec)
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        assert set(state) == {k.removeprefix("model.") for k in saved}
+        # Every trained value, observer ranges included; only the observers are switched off for inference.
+        for key, value in saved.items():
+            if not key.endswith(".observer_enabled"):
+                assert torch.equal(state[key.removeprefix("model.")], value), (spec, key)
+        if spec == "momentum":
+            assert len(momentum_stages(model)) == 4
+        else:
+            quantizers = [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+            assert quantizers and any(m.scale.numel() > 1 for m in quantizers)  # per-channel ranges learned in training, loaded
+            assert all(int(m.observer_enabled[0]) == 0 and int(m.fake_quant_enabled[0]) == 1 for m in quantizers)
+        # A pure function: what ran before (here a brighter batch) changes neither the state nor the output.
+        with torch.no_grad():
+            first = model(x)
+            model(x * 3)
+            again = model(x)
+        assert torch.equal(first, again) and first.std() > 0
+        assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), spec
 
 
 # ------------------------------------------------------------------ tiling
