@@ -175,6 +175,15 @@ def test_momentum_and_qat_checkpoints_from_fit_load_as_one_plain_module(tmp_path
             again = model(x)
         assert torch.equal(first, again) and first.std() > 0
         assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), spec
+        if spec == "quant:qat":  # the int8 model from the trained ranges: a quarter of the float file, close to it
+            from memtrain.errors import StrategyError
+            from memtrain.export import export_model
+
+            result = export_model(path, "torchscript", tmp_path / "ts", size=64, int8=True)
+            assert result.max_abs_diff <= 1e-4 and result.int8 is not None
+            assert result.int8.bytes < 0.3 * result.int8.float_bytes and result.int8.psnr_db > 15
+            with pytest.raises(StrategyError, match=r"--format onnx: .* quant:qat: .* --format torchscript"):
+                export_model(path, "onnx", tmp_path / "onnx", size=64)
 
 
 # ------------------------------------------------------------------ tiling
