@@ -326,7 +326,7 @@ class Tiling:
     def describe(self) -> str:
         if self.tile is None:
             return "whole image"
-        return f"{self.tiles} tiles of {self.tile}² px, overlap {self.overlap} ({self.reason})"
+        return f"{self.tiles} tile{'' if self.tiles == 1 else 's'} of {self.tile}² px, overlap {self.overlap} ({self.reason})"
 
 
 class Enhancer:
