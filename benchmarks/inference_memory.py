@@ -1,4 +1,4 @@
-"""Inference memory: the automatic-tiling estimate of `memtrain enhance` against the real peak, side by side.
+"""Inference memory: the automatic-tiling estimate of `memtrain enhance` against the real peak, and tiled vs whole-image, side by side.
 
 For each (precision, size) a fresh process builds the U-Net, measures what
 :class:`memtrain.inference.Enhancer` estimates for one forward (fake-tensor bytes per
@@ -8,7 +8,7 @@ process's peak resident memory increase (VmHWM after resetting it through
 increase.
 
     python benchmarks/inference_memory.py                    # resnet34, 512/1024/2048, fp32 and amp
-    python benchmarks/inference_memory.py --sizes 512 1024 --out benchmarks/inference_memory.md
+    python benchmarks/inference_memory.py --sizes 1024 2048 --tiles --out benchmarks/results/inference_memory_cpu.md
 
 CPU (Linux) only: the CUDA budget uses the allocator's free memory instead.
 """
@@ -36,8 +36,9 @@ def _vm(field: str) -> int:
     raise RuntimeError(field)
 
 
-def cell(encoder: str, size: int, amp: bool) -> dict:
-    """One measurement, run in this (fresh) process."""
+def cell(encoder: str, size: int, amp: bool, tile: int | None = None) -> dict:
+    """One measurement, run in this (fresh) process: one forward of the whole image, or `memtrain enhance`'s tiled path."""
+    import numpy as np
     import torch
 
     from memtrain.config import ModelConfig
@@ -45,7 +46,8 @@ def cell(encoder: str, size: int, amp: bool) -> dict:
     from memtrain.model import build_model
 
     torch.manual_seed(0)
-    enhancer = Enhancer(build_model(ModelConfig(encoder=encoder, zero_head=False)), amp=amp)
+    model = build_model(ModelConfig(encoder=encoder, zero_head=False)).eval().requires_grad_(False)  # as `load_trained` returns it
+    enhancer = Enhancer(model, amp=amp)
     bpp = enhancer.bytes_per_pixel()
     x = torch.rand(1, 1, size, size)
     with enhancer.session():
@@ -54,14 +56,20 @@ def cell(encoder: str, size: int, amp: bool) -> dict:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset VmHWM (peak RSS) to the current RSS
         t0 = time.perf_counter()
-        out = enhancer.forward(x)
+        if tile is None:
+            out = enhancer.forward(x)
+        else:
+            out, tiling = enhancer(np.asarray(x[0, 0]), tile=tile, overlap=min(64, tile // 4))
+            assert tiling.tile == tile
         seconds = time.perf_counter() - t0
         peak = _vm("VmHWM")
     del out
-    tensor = bpp * size * size
+    side = size if tile is None else tile
+    tensor = bpp * side * side
     return {
         "encoder": encoder,
         "size": size,
+        "tile": tile,
         "precision": enhancer.precision,
         "bytes_per_pixel": bpp,
         "tensor_estimate_mib": tensor / 2**20,
@@ -76,33 +84,39 @@ def main() -> None:
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--sizes", type=int, nargs="+", default=[512, 1024, 2048])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--tiles", action="store_true", help="also run every size in tiles of size/2 (overlap 64) and compare with the whole image")
+    p.add_argument("--big", type=int, default=4188, help="side of the estimated-only table (fake tensors) [default: 4188]")
     p.add_argument("--out", type=Path, help="also write the table as Markdown to this file")
     p.add_argument("--cell", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell:
-        encoder, size, amp = json.loads(args.cell)
-        print(json.dumps(cell(encoder, size, amp)))
+        print(json.dumps(cell(*json.loads(args.cell))))
         return
 
     import torch
 
-    from memtrain.inference import SAFETY
+    from memtrain.inference import SAFETY, tile_starts
 
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), PYTHONPATH=str(ROOT))
     rows = []
+    tiled = []
     for amp in (False, True):
         for size in args.sizes:
-            proc = subprocess.run(
-                [sys.executable, __file__, "--cell", json.dumps([args.encoder, size, amp])], env=env, capture_output=True, text=True, check=True
-            )
-            rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            r = rows[-1]
-            print(f"{r['precision']:>14} {size:>5}²: estimate {r['budgeted_mib']:8.1f} MiB, real {r['rss_increase_mib']:8.1f} MiB", file=sys.stderr)
+            for tile in (None, size // 2) if args.tiles else (None,):
+                proc = subprocess.run(
+                    [sys.executable, __file__, "--cell", json.dumps([args.encoder, size, amp, tile])], env=env, capture_output=True, text=True, check=True
+                )
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                (rows if tile is None else tiled).append(r)
+                print(
+                    f"{r['precision']:>14} {size:>5}² tile {tile}: estimate {r['budgeted_mib']:8.1f} MiB, real {r['rss_increase_mib']:8.1f} MiB, {r['seconds']:.1f} s",
+                    file=sys.stderr,
+                )
 
     lines = [
         f"# Inference memory: estimate vs real ({args.encoder} U-Net, CPU)",
         "",
-        f"`python benchmarks/inference_memory.py --encoder {args.encoder} --sizes {' '.join(map(str, args.sizes))}` — "
+        f"`python benchmarks/inference_memory.py --encoder {args.encoder} --sizes {' '.join(map(str, args.sizes))}{' --tiles' if args.tiles else ''}` — "
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, OMP_NUM_THREADS={args.threads}. SAFETY = {SAFETY}.",
         "",
@@ -116,6 +130,41 @@ def main() -> None:
             f"| {r['precision']} | {r['size']}² | {r['bytes_per_pixel']:.0f} | {r['tensor_estimate_mib']:.1f} | {r['budgeted_mib']:.1f} | "
             f"{r['rss_increase_mib']:.1f} | {ratio:.2f} | {covered} | {r['seconds']:.1f} |"
         )
+    if tiled:
+        lines += [
+            "",
+            "## Tiled vs whole image (real runs)",
+            "",
+            "Tiles of size/2 with overlap 64 through `Enhancer.__call__` (pad, tiles, blend, crop); the whole image through one forward.",
+            "",
+            "| precision | image | tiles | real peak RSS increase MiB | vs whole | time s | vs whole |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        whole = {(r["precision"], r["size"]): r for r in rows}
+        for r in tiled:
+            w = whole[(r["precision"], r["size"])]
+            lines.append(f"| {w['precision']} | {w['size']}² | whole | {w['rss_increase_mib']:.1f} | 1.00 | {w['seconds']:.1f} | 1.00 |")
+            n = len(tile_starts(r["size"], r["tile"], min(64, r["tile"] // 4))) ** 2
+            lines.append(
+                f"| {r['precision']} | {r['size']}² | {n} x {r['tile']}² | {r['rss_increase_mib']:.1f} | {r['rss_increase_mib'] / w['rss_increase_mib']:.2f} | "
+                f"{r['seconds']:.1f} | {r['seconds'] / w['seconds']:.2f} |"
+            )
+    padded = args.big + (-args.big % 32)
+    lines += [
+        "",
+        f"## {args.big}² radiograph (estimated from fake-tensor bytes per pixel; padded to {padded}²)",
+        "",
+        "| precision | processing | tiles | estimated peak (x SAFETY) GiB |",
+        "|---|---|---|---|",
+    ]
+    for r in rows:
+        if r["size"] != args.sizes[-1]:
+            continue
+        for tile in (None, 2048, 1024, 512):
+            side = padded if tile is None else tile
+            n = 1 if tile is None else len(tile_starts(padded, tile, 64)) ** 2
+            gib = SAFETY * r["bytes_per_pixel"] * side * side / 2**30
+            lines.append(f"| {r['precision']} | {'whole image' if tile is None else f'tiles of {tile}², overlap 64'} | {n} | {gib:.2f} |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -259,6 +259,11 @@ def export_model(
 
     trained = load_trained(checkpoint, device="cpu")
     int8_strategy = _int8_strategy(trained) if int8 else None
+    if fmt == "onnx" and _fake_quantized(trained.model):
+        raise StrategyError(
+            f"--format onnx: {trained.path} was trained with {','.join(trained.specs)}: torch.export (the ONNX exporter) has no kernel for "
+            f"fake-quantization in torch {torch.__version__}; export it with --format torchscript (add --int8 for the int8 model)"
+        )
     model = trained.model.float()
     example = verification_batch(size, size, n=1)
     data = to_bytes(model, fmt, example)
@@ -299,6 +304,12 @@ def _targets(fmt: str, out_dir: Path, triton_dir: Path | None, int8: bool) -> li
     if triton_dir is not None:
         targets += [triton_dir / "config.pbtxt", triton_dir / "1" / FILES[fmt]]
     return targets
+
+
+def _fake_quantized(model: torch.nn.Module) -> bool:
+    from torch.ao.quantization import FakeQuantizeBase
+
+    return any(isinstance(m, FakeQuantizeBase) for m in model.modules())
 
 
 def _int8_strategy(trained: Trained):

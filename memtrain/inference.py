@@ -40,7 +40,8 @@ Memory rule for automatic tiling: inference holds no autograd graph, so its work
 memory is linear in the pixel count. :meth:`Enhancer.bytes_per_pixel` measures it once
 per model (and precision) with fake tensors at 256² — exactly what the real forward
 allocates as tensors (ResNet34 U-Net: 386 B/px in float32, 195 B/px under bf16
-autocast) — and the need for an H×W input is ``SAFETY × bytes_per_pixel × H × W``,
+autocast, counted as 195 + 386 on CPUs where the 16-bit convs run on float32 kernels)
+— and the need for an H×W input is ``SAFETY × bytes_per_pixel × H × W``,
 ``SAFETY = 1.25`` covering allocator and kernel workspaces (a real 2048² ResNet34
 forward on CPU raised the process RSS by 455 B/px). The budget is ``--max-memory``
 when given, else 90 % of the free CUDA memory, or on CPU half of ``MemAvailable``.
@@ -175,6 +176,7 @@ def load_trained(path: str | Path, *, device: str | torch.device = "cpu") -> Tra
     _check_keys(model, weights, path, strategies)
     model.load_state_dict(weights, strict=True)
     model.eval().requires_grad_(False)
+    freeze_observers(model)
     return Trained(model.to(device), cfg, strategies, path)
 
 
@@ -188,7 +190,8 @@ def _check_keys(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, 
     own = model.state_dict()
     missing = sorted(set(own) - set(weights))
     unexpected = sorted(set(weights) - set(own))
-    mismatched = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape)]
+    resizing = _self_resizing_prefixes(model)
+    mismatched = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape) and not k.startswith(resizing)]
     if not (missing or unexpected or mismatched):
         return
     parts = []
@@ -201,6 +204,33 @@ def _check_keys(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, 
         parts.append(f"{len(mismatched)} of another shape (e.g. {k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)})")
     label = ",".join(s.spec for s in strategies) or "none"
     raise CheckpointError(f"{path}: weights do not match the rebuilt model (strategies: {label}): " + "; ".join(parts))
+
+
+def freeze_observers(model: nn.Module) -> nn.Module:
+    """Stop ``torch.ao`` fake-quant observers (``quant:qat``) from updating: inference must be a pure function.
+
+    A ``FakeQuantize`` observes whenever its ``observer_enabled`` flag is set, in eval mode
+    too, so without this every forward would move the quantization ranges and the same
+    image would enhance differently depending on what ran before. The trained ranges are
+    kept, and fake quantization stays on (it is what the int8 model computes).
+    """
+    from torch.ao.quantization import disable_observer
+
+    return model.apply(disable_observer)
+
+
+def _self_resizing_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes of modules that resize their own buffers on load.
+
+    ``torch.ao`` fake-quant modules and observers start with 1-element ``scale`` /
+    ``zero_point`` / ``min_val`` / ``max_val`` buffers that become per-channel after the
+    first training forward; their ``_load_from_state_dict`` resizes them to the saved
+    shapes (a ``quant:qat`` checkpoint), so a shape difference there is not a mismatch.
+    """
+    from torch.ao.quantization import FakeQuantizeBase
+    from torch.ao.quantization.observer import ObserverBase
+
+    return tuple(f"{name}." for name, mod in model.named_modules() if name and isinstance(mod, (FakeQuantizeBase, ObserverBase)))
 
 
 # --------------------------------------------------------------------------- memory
@@ -297,7 +327,7 @@ class Tiling:
     def describe(self) -> str:
         if self.tile is None:
             return "whole image"
-        return f"{self.tiles} tiles of {self.tile}² px, overlap {self.overlap} ({self.reason})"
+        return f"{self.tiles} tile{'' if self.tiles == 1 else 's'} of {self.tile}² px, overlap {self.overlap} ({self.reason})"
 
 
 class Enhancer:
@@ -341,21 +371,35 @@ class Enhancer:
 
     # -- memory --------------------------------------------------------------------------
     def bytes_per_pixel(self) -> float:
-        """Tensor bytes per input pixel of one inference forward, measured once with fake tensors."""
+        """Tensor bytes per input pixel of one inference forward, measured once with fake tensors.
+
+        Under ``--amp`` on a CPU without native 16-bit kernels, the session's conv router
+        (:class:`~memtrain.strategies.amp.LowPrecisionConvOnFloat32`) computes every conv in
+        float32 from 16-bit inputs, holding float32 copies next to the 16-bit tensors; it
+        does not run under fake tensors, so the bound used is the 16-bit forward's bytes
+        plus the float32 forward's (measured: 1024² ResNet34, real peak RSS increase
+        2.5x the 16-bit tensor bytes, 1.06x the float32 ones; see
+        ``benchmarks/results/inference_memory_cpu.md``).
+        """
         if self._bpp is None:
-            from torch._subclasses.fake_tensor import FakeTensorMode
-
-            from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
-
-            counter = LiveTensorBytes()
-            with FakeTensorMode(allow_non_fake_inputs=True):
-                x = torch.empty(1, 1, PROBE, PROBE, device=self.device)
-                with torch.no_grad(), self._autocast(), TensorBytesMode(counter):
-                    counter.track(x)
-                    out = self.model(x)
-                    del out
-            self._bpp = counter.peak / (PROBE * PROBE)
+            self._bpp = self._probe(autocast=self.amp is not None)
+            if self.amp is not None and self.device.type == "cpu" and not self.amp.env.native_bf16:
+                self._bpp += self._probe(autocast=False)
         return self._bpp
+
+    def _probe(self, *, autocast: bool) -> float:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
+
+        counter = LiveTensorBytes()
+        with FakeTensorMode(allow_non_fake_inputs=True):
+            x = torch.empty(1, 1, PROBE, PROBE, device=self.device)
+            with torch.no_grad(), self._autocast() if autocast else contextlib.nullcontext(), TensorBytesMode(counter):
+                counter.track(x)
+                out = self.model(x)
+                del out
+        return counter.peak / (PROBE * PROBE)
 
     def need_bytes(self, h: int, w: int) -> int:
         return int(SAFETY * self.bytes_per_pixel() * h * w)

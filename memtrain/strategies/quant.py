@@ -370,6 +370,28 @@ class Quant(Strategy):
             return prepare_qat_model(model, self.spec)
         return model
 
+    def export_int8(self, model: nn.Module, example: torch.Tensor, fmt: str, float_bytes: bytes) -> bytes:
+        """The int8 model of a ``quant:qat``-trained ``model`` (:func:`convert_int8`, the trained ranges), as traced TorchScript.
+
+        Only TorchScript: the converted model runs PyTorch's quantized x86/fbgemm kernels,
+        which torch.export (the ONNX exporter) cannot capture.
+        """
+        import io
+
+        if self.variant != "qat":
+            raise StrategyError(f"--int8: {self.spec} only changes what training saves; int8 export needs a model trained with quant:qat")
+        if fmt != "torchscript":
+            raise StrategyError(
+                f"--int8 --format {fmt}: a quant:qat int8 model exports as TorchScript only (PyTorch quantized kernels); use --format torchscript"
+            )
+        q = convert_int8(model)
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            traced = torch.jit.trace(q, example, check_trace=False)
+        buf = io.BytesIO()
+        torch.jit.save(traced, buf)
+        return buf.getvalue()
+
     def forward_context(self):
         if self.quantizer is None:
             return contextlib.nullcontext()
