@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="256,512,1024,2048,4096")
     ap.add_argument("--combinations", default=",".join(c.replace(",", "+") for c in COMBINATIONS), help="'+' joins the strategies of one combination")
     ap.add_argument("--encoder", default="resnet34")
-    ap.add_argument("--repeats", type=int, default=5, help="timed steps per combination at the smallest size")
+    ap.add_argument("--repeats", type=int, default=5, help="timed steps per combination at the smallest size (0: memory only, fake tensors)")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
@@ -128,14 +128,15 @@ def main(argv: list[str] | None = None) -> int:
 
     print(" | ".join(COLUMNS))
     small = sizes[0]
-    times = time_steps(combos, small, args.repeats, args.encoder)
+    # --repeats 0: memory only (no real steps: neither timed nor measured for real).
+    times = time_steps(combos, small, args.repeats, args.encoder) if args.repeats > 0 else {}
     median = {s: statistics.median(v) for s, v in times.items()}
     for size in sizes:
         fake = {spec: measure_step(spec, size=size, encoder=args.encoder, blocks=False) for spec in combos}
         base_peak = fake["none"].step_peak
         for spec in combos:
-            add(size, spec, "fake", fake[spec], base_peak, median.get(spec) if size == small else None, median["none"] if size == small else None)
-            if size == small:
+            add(size, spec, "fake", fake[spec], base_peak, median.get(spec) if size == small else None, median.get("none") if size == small else None)
+            if size == small and args.repeats > 0:
                 add(size, spec, "real", measure_step(spec, size=size, encoder=args.encoder, fake=False, blocks=False), base_peak)
     elapsed = time.time() - started
 
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     if (b := best(4096)) is not None:
         gib = float(b["step_peak_mib"]) / 1024
         targets.append(f"4096²: best plan `{b['strategies']}` peaks at {gib:.2f} GiB (target ≤ 8 GiB: {'met' if gib <= 8 else 'MISSED'})")
-    if (b := best(small)) is not None:
+    if median and (b := best(small)) is not None:
         lowest = best(max(sizes))["strategies"]
         row = next(r for r in rows if r["size"] == small and r["how"] == "fake" and r["strategies"] == lowest)
         ratio = float(row["time_vs_baseline"])
@@ -173,11 +174,16 @@ def main(argv: list[str] | None = None) -> int:
     md = [
         f"# Memory strategies: step peak and time — {host['cpu'].split(' (')[0]}",
         "",
-        f"Command: `OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/strategies.py --sizes {args.sizes} --repeats {args.repeats}` ({elapsed:.0f} s)",
+        f"Command: `OMP_NUM_THREADS={torch.get_num_threads()} python benchmarks/strategies.py --sizes {args.sizes} --combinations {args.combinations} "
+        f"--repeats {args.repeats}` ({elapsed:.0f} s)",
         "",
         f"U-Net {args.encoder}, batch 1, 1 − MS-SSIM, Adam; `tensor_peak` (live tensor bytes) per phase of the second step, "
-        "fake tensors (`fake`) and, at the smallest size, a real CPU step (`real`). Time: median of "
-        f"{args.repeats} real steps at {small}², combinations interleaved, ÷ the baseline's median (machine shared with other jobs: ±10 %).",
+        "fake tensors (`fake`) and, at the smallest size, a real CPU step (`real`). "
+        + (
+            f"Time: median of {args.repeats} real steps at {small}², combinations interleaved, ÷ the baseline's median (machine shared with other jobs)."
+            if median
+            else "Memory only (`--repeats 0`): no real steps, no time."
+        ),
         f"torch {host['torch']}, segmentation-models-pytorch {host['segmentation_models_pytorch']}, pytorch-msssim {host['pytorch_msssim']}, "
         f"Python {host['python']}; CPU {host['cpu']}; {host['os']}.",
         "",
