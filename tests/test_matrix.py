@@ -5,11 +5,12 @@ or it trains, and then — on the real U-Net ResNet18 with the real MS-SSIM loss
 batch 2, bf16 autocast standing in for AMP on this CPU — compared with the plain float32
 model *of the same architecture*:
 
-* after one step, the gradients: cosine ≥ 0.99 to the reference, and max |Δ| ≤ 1e-5 when
-  no strategy of the combination changes the arithmetic (``LOSSY_GRADIENT``);
+* after one step, the gradients: cosine ≥ 0.99 to the reference; max |Δ| ≤ 1e-5 when no strategy of
+  the combination changes the arithmetic (``LOSSY_GRADIENT``; measured 0.0 except ``ROUNDING``:
+  MomentumNet against its reference, which rounds differently);
 * after one step, the BatchNorm buffers: identical when the forward is exact, else within
   16-bit tolerance; ``num_batches_tracked`` always identical;
-* a 5-step Adam run: the loss tracks the reference's step by step (≤ 1e-5 when exact,
+* a 4-step Adam run: the loss tracks the reference's step by step (≤ 1e-5 when exact,
   else within ``LOSS_TOLERANCE``).
 
 Strategies that change the network (MomentumNet, QAT: detected because they change the
@@ -32,36 +33,57 @@ from conftest import phantom_batch, warmed_unet
 
 from memtrain.errors import StrategyError
 from memtrain.loss import MSSSIMLoss
-from memtrain.strategies import Environment, Plan, available, registered
+from memtrain.strategies import Environment, Plan, Stage, available, registered
 
 CPU = Environment(device="cpu", native_bf16=False)
-SIZE, BATCH, STEPS, LR = 64, 2, 5, 1e-3
+SIZE, BATCH, STEPS, LR = 64, 2, 4, 1e-3
 # Strategies whose forward computes in other arithmetic than float32 (BatchNorm statistics differ slightly).
 LOSSY_FORWARD = {"amp"}
 # Strategies whose gradients differ from float32 backprop (16-bit compute, 8-bit saved tensors).
 LOSSY_GRADIENT = {"amp", "quant"}
-# Per-step |loss − reference loss| allowed for lossy combinations over the 5-step run. Measured: ≤ 0.004
-# (see the report printed with -s); 1 − MS-SSIM starts near 0.9 here.
+# Strategies that compute the same function as their reference with different float32 rounding
+# (MomentumNet's exact fixed-point x/v against `momentum:reference`'s float arithmetic): gradients
+# within ROUNDING_GRADIENT, BatchNorm buffers within ROUNDING_BUFFER, not bitwise.
+ROUNDING = {"momentum"}
+ROUNDING_GRADIENT, ROUNDING_BUFFER = 1e-5, 1e-5  # exact strategies: measured 0.0 (bitwise)
+# Per-step |loss − reference loss| allowed when the first step's gradients are not bitwise equal. Adam
+# divides each step by the root of the squared gradients, so rounding-level differences on parameters
+# with near-zero gradients become lr-sized step differences: measured 1.1e-3 for momentum (gradients
+# 8.9e-6 apart) and 1.0e-2 for amp:bf16 over 5 steps (see the report printed with -s); 1 − MS-SSIM
+# starts near 0.9 here.
 LOSS_TOLERANCE = 0.02
 COSINE = 0.99
+# The triples users try (amp+checkpoint+momentum and amp+quant+… are the ones the paper could not run),
+# and the benchmark's lowest-memory plan. Kept few: each case trains a U-Net (the matrix is the suite's
+# biggest cost).
 TRIPLES = [
     "amp,checkpoint,momentum",
     "amp,checkpoint,offload",
     "amp,checkpoint,quant",
     "amp,momentum,quant",
-    "amp,momentum,offload",
-    "checkpoint,momentum,offload",
-    "amp,checkpoint:full,offload",
-    "amp,checkpoint:selective,offload",
+    "amp,checkpoint:full,quant",
 ]
 # Combinations the product promises: they must not be rejected.
 MUST_RUN = {"amp", "checkpoint", "offload", "amp,checkpoint", "amp,offload", "checkpoint,offload", "amp,checkpoint,offload"}
 
 
+def _single_process() -> list[str]:
+    """Registered strategies except ``none`` and the placement stage.
+
+    Placement strategies (rpc, pipeline, ddp) start several processes under torchrun and
+    drive their own loop, so they cannot run in this single-process matrix; their
+    faithfulness tests (same gradients and BatchNorm buffers as one process) live in
+    tests/test_distributed.py.
+    """
+    return [n for n in available() if n != "none" and registered()[n].stage != Stage.PLACEMENT]
+
+
 def _cases() -> list[str]:
-    names = [n for n in available() if n != "none"]
+    names = _single_process()
     alone = [n for n in names] + [f"{n}:{v}" for n in names for v in registered()[n].variants[1:]]
-    pairs = [",".join(p) for p in itertools.combinations(names, 2)]
+    # tf32 only sets the CUDA/cuDNN TF32 switches, which no CPU kernel reads: on CPU a pair with
+    # tf32 trains exactly its partner, already a case of its own; tf32 alone checks it changes nothing.
+    pairs = [",".join(p) for p in itertools.combinations(names, 2) if "tf32" not in p]
     return alone + pairs + TRIPLES
 
 
@@ -92,6 +114,8 @@ def _train(plan: Plan, model: torch.nn.Module, batches):
     scaler = getattr(precision, "scaler", None)
     loss_fn = plan.wrap_loss(MSSSIMLoss())
     model = plan.apply(model)
+    if scaler is not None:
+        _calibrate(scaler, plan, model, loss_fn, autocast, batches[0])
     opt = torch.optim.Adam(model.parameters(), lr=LR)
     losses, grads, buffers = [], None, None
     with plan.session():
@@ -116,6 +140,36 @@ def _train(plan: Plan, model: torch.nn.Module, batches):
                 opt.step()
             opt.zero_grad(set_to_none=True)
     return losses, grads, buffers
+
+
+def _calibrate(scaler, plan: Plan, model: torch.nn.Module, loss_fn, autocast, batch) -> int:
+    """Let fp16's dynamic GradScaler find its scale on a throwaway copy; returns the steps it skipped.
+
+    By design a GradScaler starts high (2**16) and skips every step whose scaled gradients
+    overflow, halving the scale each time. Measured here (64 px, 1 − MS-SSIM): 2**16 and 2**15
+    overflow in the decoder's fp16 backward, 2**14 does not — a real run skips its first two
+    steps (parameters unchanged, BatchNorm statistics updated by the skipped forwards), which
+    is GradScaler's intended behaviour, not a fault of the strategy. To compare the same five
+    updates with float32, the scale is found first on a copy (model and BN buffers untouched).
+    """
+    copy_ = copy.deepcopy(model)
+    opt = torch.optim.SGD(copy_.parameters(), lr=0.0)
+    x, y = batch
+    skipped = 0
+    with plan.session():
+        while True:
+            before = scaler.get_scale()
+            with autocast():
+                with plan.forward_context():
+                    out = copy_(x)
+                loss = loss_fn(out, y)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            if scaler.get_scale() >= before:
+                return skipped
+            skipped += 1
 
 
 _NETWORK_CHANGE: dict[str, bool] = {}
@@ -168,6 +222,7 @@ def test_combination_is_faithful_or_rejected_up_front(spec, warmed, batches, ref
     names = {s.name for s in plan.strategies}
     exact_forward = not (names & LOSSY_FORWARD)
     exact_gradient = not (names & LOSSY_GRADIENT)
+    rounding = bool(names & ROUNDING)
 
     # Gradients after one step: non-trivial, and the same direction (exact when nothing is lossy).
     assert ref_grads.abs().sum() > 0 and (grads != 0).float().mean() > 0.5, "gradients vanished"
@@ -176,25 +231,47 @@ def test_combination_is_faithful_or_rejected_up_front(spec, warmed, batches, ref
     print(f"\n{plan.label} vs {ref_spec}: cosine {cosine:.5f}, max|Δgrad| {diff:.2e}, max|Δloss| {max(abs(a - b) for a, b in zip(losses, ref_losses)):.2e}")
     assert cosine >= COSINE, (plan.label, cosine)
     if exact_gradient:
-        assert diff <= 1e-5, (plan.label, diff)
+        assert diff <= ROUNDING_GRADIENT, (plan.label, diff)
 
     # BatchNorm buffers after one step.
     assert buffers.keys() == ref_buffers.keys()
     for name, ref in ref_buffers.items():
         got = buffers[name]
-        if exact_forward or not ref.is_floating_point():
+        if not ref.is_floating_point():
+            assert torch.equal(got, ref), name
+        elif exact_forward and rounding:
+            assert (got - ref).abs().max() <= ROUNDING_BUFFER, name
+        elif exact_forward:
             assert torch.equal(got, ref), name
         else:
             assert torch.allclose(got.float(), ref.float(), rtol=0.05, atol=0.02), name
 
     # A short run tracks the reference.
-    tolerance = 1e-5 if (exact_forward and exact_gradient) else LOSS_TOLERANCE
+    tolerance = 1e-5 if (exact_forward and exact_gradient and not rounding) else LOSS_TOLERANCE
     assert losses == pytest.approx(ref_losses, abs=tolerance), (plan.label, losses, ref_losses)
     assert losses[-1] < losses[0]  # and it learns
 
 
 def test_matrix_covers_the_registry():
-    names = set(available()) - {"none"}
+    names = set(_single_process())
+    assert names | {n for n in available() if registered()[n].stage == Stage.PLACEMENT} | {"none"} == set(available())
     covered = {n.split(":")[0] for case in CASES for n in case.split(",")}
     assert names <= covered
     assert {"checkpoint", "offload", "amp"} <= names
+
+
+@pytest.mark.slow
+def test_a_four_strategy_combination_trains_from_the_cli(tmp_path):
+    """Accepted combinations run end to end: `memtrain fit` with momentum, quant, checkpoint and amp together."""
+    import csv
+
+    from conftest import run_cli
+
+    out = tmp_path / "run"
+    proc = run_cli("fit", "--config", "configs/ci-tiny.yaml", "--strategies", "amp,checkpoint,momentum,quant", "--max-steps", "2", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "strategies: momentum:invertible,quant:int8,checkpoint:blocks,amp:bf16" in proc.stdout + proc.stderr
+    rows = list(csv.DictReader((out / "memory.csv").open()))
+    assert [(r["step"], r["phase"]) for r in rows] == [(s, p) for s in ("0", "1") for p in ("forward", "backward", "optimizer")]
+    assert all(float(r["tensor_peak_mib"]) > 0 for r in rows)
+    assert (out / "checkpoints" / "last.ckpt").exists()
