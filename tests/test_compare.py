@@ -122,3 +122,59 @@ def test_a_cuda_out_of_memory_is_classified_with_its_phase(tmp_path):
     result = run_cell_process(sweep.spec("none", 2048), timeout=600)
     assert result["status"] == "oom" and result["phase"] in ("forward", "backward"), result
     assert "OutOfMemoryError" in result["reason"]
+
+
+@pytest.mark.slow
+def test_compare_runs_placement_combinations_under_torchrun_with_per_rank_peaks(tmp_path):
+    """--launcher torchrun: rpc runs as a real 3-process torchrun job; its row has every rank's peaks, their mean and
+    max, and ratios against the single-process 'none' row; pipeline with 3 processes fails as a row, the sweep goes on."""
+    out = tmp_path / "cmp"
+    proc = run_cli(
+        "compare", "--strategies", "none;rpc;pipeline", "--sizes", "64", *SMALL, "--launcher", "torchrun", "--nproc-per-node", "3", "--out", str(out)
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["strategies"]: r for r in _csv(out / "compare.csv")}
+    none, rpc, pipe = rows["none"], rows["rpc"], rows["pipeline"]
+    assert none["status"] == "ok" and none["launcher"] == "" and none["ranks"] == ""
+    assert rpc["status"] == "ok" and rpc["launcher"] == "torchrun" and rpc["nproc_per_node"] == "3"
+    assert rpc["ranks"] == "0:master;1:encoder;2:decoder"
+    per_rank = {k: [float(v) for v in rpc[f"rank_{k}_peaks_mib"].split(";")] for k in ("forward", "backward", "step")}
+    assert all(len(v) == 3 and all(x > 0 for x in v) for v in per_rank.values())
+    for k, col in (("forward", "forward_peak_mib"), ("backward", "backward_peak_mib"), ("step", "step_peak_mib")):
+        assert float(rpc[col]) == max(per_rank[k])  # the row's peak is the largest rank's
+        assert float(rpc[f"rank_mean_{k}_peak_mib"]) == pytest.approx(sum(per_rank[k]) / 3, abs=0.01)
+        assert float(rpc[f"rank_mean_{k}_peak_mib"]) <= float(rpc[col])
+    # The master holds a batch and the output; each shard less than the whole single-process model.
+    assert per_rank["step"][0] < 0.05 * per_rank["step"][1]
+    assert max(per_rank["step"]) < float(none["step_peak_mib"])
+    assert float(rpc["step_ratio"]) == pytest.approx(float(rpc["step_peak_mib"]) / float(none["step_peak_mib"]), abs=1e-3)
+    assert float(rpc["time_ratio"]) > 0 and float(rpc["step_time_s"]) > 0
+    assert pipe["status"] == "error" and "needs 2 processes" in pipe["reason"] and "WORLD_SIZE=3" in pipe["reason"], pipe["reason"]
+    md = (out / "compare.md").read_text()
+    assert "| rpc | 64 | 1:encoder |" in md and "| rpc | 64 | mean |" in md
+    doc = json.loads((out / "compare.json").read_text())
+    assert doc["settings"]["launcher"] == "torchrun" and doc["settings"]["nproc_per_node"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--launcher", "torchrun"], "--nproc-per-node missing"),
+        (["--launcher", "torchrun", "--nproc-per-node", "0"], "--nproc-per-node 0"),
+        (["--nproc-per-node", "3"], "only with --launcher torchrun"),
+        (["--launcher", "mpirun", "--nproc-per-node", "3"], "--launcher"),
+    ],
+)
+def test_bad_launcher_flags_are_one_line(capsys, tmp_path, args, fragment):
+    code = main(["compare", "--strategies", "none;rpc", "--sizes", "64", *args, "--out", str(tmp_path / "cmp")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and fragment in err[0], err
+    assert not (tmp_path / "cmp").exists()
+
+
+def test_without_a_launcher_placement_combinations_are_rejected_with_the_launch_command(tmp_path):
+    """One process would train the plain model and call it rpc: the row is rejected with the flags to add."""
+    out = tmp_path / "cmp"
+    assert main(["compare", "--strategies", "rpc", "--sizes", "64", "--out", str(out)]) == 0
+    (row,) = _csv(out / "compare.csv")
+    assert row["status"] == "rejected" and "--launcher torchrun --nproc-per-node N" in row["reason"] and row["launcher"] == ""

@@ -4,7 +4,10 @@
 --strategies "none;amp;checkpoint,momentum". Every (combination, size) cell trains
 one warm-up step and --steps measured steps of the fit's training step on phantom
 radiographs; an out-of-memory error is a result (status oom, with the phase), and the
-sweep goes on. Writes compare.csv, compare.json, compare.md and compare.png to --out.
+sweep goes on. With --launcher torchrun --nproc-per-node N, combinations with a placement
+strategy (rpc, pipeline, ddp) run as real torchrun jobs of N processes and their rows
+report the largest rank's peaks plus every rank's peaks and their mean (without
+--launcher they are rejected: they need several processes). Writes compare.csv, compare.json, compare.md and compare.png to --out.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from memtrain.errors import ConfigError
 
 EPILOG = """examples:
   memtrain compare --strategies "none;amp;checkpoint;amp,checkpoint" --sizes 512,1024,2048 --steps 3 --out reports/cmp
-  memtrain compare --strategies "none;amp" --sizes 256,512 --steps 2 --out reports/cpu --cpu-memory-limit 6GiB"""
+  memtrain compare --strategies "none;amp" --sizes 256,512 --steps 2 --out reports/cpu --cpu-memory-limit 6GiB
+  memtrain compare --strategies "none;rpc;rpc,checkpoint" --sizes 512 --launcher torchrun --nproc-per-node 3 --out reports/rpc"""
 
 
 def add_parser(sub) -> None:
@@ -35,6 +39,16 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--cpu-memory-limit",
         help="CPU cells: memory a cell may map beyond what it holds after start-up (e.g. 6GiB); above it the cell fails with status oom, like a GPU budget",
+    )
+    p.add_argument(
+        "--launcher",
+        choices=("torchrun",),
+        help="run combinations with a placement strategy (rpc, pipeline, ddp) as 'python -m torch.distributed.run --standalone' jobs on this host",
+    )
+    p.add_argument(
+        "--nproc-per-node",
+        type=int,
+        help="--launcher torchrun: processes per job (rpc needs 3, pipeline 2, ddp any number of replicas)",
     )
     p.add_argument("--cell", help=argparse.SUPPRESS)  # internal: run one cell (JSON spec) in this process
     p.add_argument("--cell-out", help=argparse.SUPPRESS)  # internal: where the cell writes its JSON result
@@ -55,6 +69,11 @@ def run(args: argparse.Namespace) -> int:
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: expected a positive number")
+    if args.launcher is None and args.nproc_per_node is not None:
+        raise ConfigError("--nproc-per-node: only with --launcher torchrun")
+    if args.launcher is not None and (args.nproc_per_node is None or args.nproc_per_node < 1):
+        value = "missing" if args.nproc_per_node is None else str(args.nproc_per_node)
+        raise ConfigError(f"--nproc-per-node {value}: --launcher torchrun needs a positive number of processes per job (rpc: 3, pipeline: 2, ddp: N)")
     if not args.cell_timeout > 0:
         raise ConfigError(f"--cell-timeout {args.cell_timeout}: expected a positive number of seconds")
     if args.device == "cuda":
@@ -71,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out}: already holds a comparison (compare.json); choose another --out or remove it")
     sweep = Sweep(combos, sizes, out, steps=args.steps, batch_size=args.batch_size, encoder=args.encoder, device=args.device, lr=args.lr)
     sweep.cell_timeout, sweep.cpu_memory_limit = args.cell_timeout, limit
+    sweep.launcher, sweep.nproc_per_node = args.launcher, args.nproc_per_node or 1
     if "none" not in combos:
         print("memtrain: note: no 'none' combination, so no ratios (include it for the reductions)", flush=True)
     print(f"memtrain compare: {len(combos)} combination(s) x {len(sizes)} size(s), each cell in a fresh process -> {out}", flush=True)

@@ -14,6 +14,7 @@ import csv
 import io
 import json
 
+from memtrain.compare import torchrun
 from memtrain.memory.tracker import MIB
 from memtrain.rundir import atomic_write_bytes, atomic_write_text
 
@@ -45,6 +46,7 @@ COLUMNS = (
     "ooms",
     "device",
     "reason",
+    *torchrun.COLUMNS,
 )
 # (column prefix, tracker metric) of the backends reported beside the main one.
 EXTRA = (("tensor", "tensor_peak"), ("reserved", "reserved_peak"), ("nvml_used", "nvml_used_peak"))
@@ -62,6 +64,7 @@ def _row(result: dict) -> dict:
     row.update({k: result.get(k) for k in ("strategies", "plan", "size", "batch_size", "status", "phase", "device", "reason", "loss")})
     row["phase"] = row["phase"] or ""
     row["reason"] = row["reason"] or ""
+    row.update({k: result.get(k) for k in torchrun.COLUMNS})
     if result.get("status") == "ok":
         row["backend"] = backend
         for p in PHASE_COLUMNS:
@@ -152,6 +155,7 @@ def to_markdown(sweep, host: dict, device: dict, rows: list[dict]) -> str:
         else:
             what = f"out of memory in {r['phase']}" if r["status"] == "oom" and r["phase"] else r["status"]
             lines.append(f"| {r['strategies']} | {r['size']} | {what} | – | – | – | – | – | – | – | – |")
+    lines += torchrun.markdown_lines(rows)
     notes = [r for r in rows if r["status"] not in ("ok",) and r["reason"]]
     if notes:
         lines += ["", *(f"- `{r['strategies']}` at {r['size']}: {r['status']}: {r['reason']}" for r in notes)]
@@ -218,7 +222,10 @@ def write_outputs(sweep, host: dict, results: list[dict]) -> None:
     atomic_write_text(sweep.out / "compare.csv", to_csv(rows))
     doc = {
         "environment": {**host, **device},
-        "settings": {k: getattr(sweep, k) for k in ("combos", "sizes", "steps", "batch_size", "encoder", "device", "lr", "cell_timeout", "cpu_memory_limit")},
+        "settings": {
+            k: getattr(sweep, k)
+            for k in ("combos", "sizes", "steps", "batch_size", "encoder", "device", "lr", "cell_timeout", "cpu_memory_limit", "launcher", "nproc_per_node")
+        },
         "rows": rows,
         "cells": results,
     }

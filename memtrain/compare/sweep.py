@@ -40,6 +40,8 @@ class Sweep:
     lr: float = 1e-3
     cell_timeout: float = DEFAULT_CELL_TIMEOUT_S
     cpu_memory_limit: int | None = None
+    launcher: str | None = None  # "torchrun": placement combinations run as torchrun jobs (memtrain.compare.torchrun)
+    nproc_per_node: int = 1
     rows: list[dict] = field(default_factory=list)
 
     def spec(self, combo: str, size: int) -> dict:
@@ -142,6 +144,7 @@ def run_sweep(sweep: Sweep, *, log=print) -> list[dict]:
     """Run every cell (sizes outer, combinations inner), writing the outputs after each; returns the rows."""
     from memtrain.compare.environment import host_environment
     from memtrain.compare.report import finalize, write_outputs
+    from memtrain.compare.torchrun import is_distributed, needs_launcher, run_torchrun_cell
 
     host = host_environment()
     results: list[dict] = []
@@ -151,8 +154,11 @@ def run_sweep(sweep: Sweep, *, log=print) -> list[dict]:
         for combo in sweep.combos:
             n += 1
             t0 = time.perf_counter()
-            reason = precheck(combo, sweep.device)
-            if reason is not None:
+            distributed = is_distributed(combo)
+            reason = (None if sweep.launcher else needs_launcher(combo)) if distributed else precheck(combo, sweep.device)
+            if distributed and reason is None:
+                result = run_torchrun_cell(sweep.spec(combo, size), sweep.nproc_per_node, sweep.cell_timeout)
+            elif reason is not None:
                 result = {"strategies": combo, "size": size, "batch_size": sweep.batch_size, "status": "rejected", "phase": "", "reason": reason}
             else:
                 result = run_cell_process(sweep.spec(combo, size), sweep.cell_timeout)
