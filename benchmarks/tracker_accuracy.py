@@ -76,10 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     env = Environment.detect("cuda" if cuda else "cpu")
-    if args.budget is None:
-        budget = torch.cuda.get_device_properties(0).total_memory if cuda else 2 * 2**30
-    else:
-        budget = parse_bytes(args.budget, "--budget")
+    default_budget = torch.cuda.get_device_properties(0).total_memory if cuda else 2 * 2**30
+    budget = default_budget if args.budget is None else parse_bytes(args.budget, "--budget")
     sizes = [int(s) for s in args.sizes.split(",")]
     also = [c for c in args.also.split(";") if c]
     rows, device_env, chosen = [], {}, []
@@ -155,9 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for r in rows:
         lines.append(
-            "| "
-            + " | ".join(str(r[k]) + (" %" if k.endswith("_pct") and r[k] not in ("", NEEDS_CUDA) else "") for k in COLUMNS).replace("| |", "| – |")
-            + " |"
+            "| " + " | ".join(str(r[k]) + (" %" if k.endswith("_pct") and r[k] not in ("", NEEDS_CUDA) else "") for k in COLUMNS).replace("| |", "| – |") + " |"
         )
     lines += [
         "",

@@ -25,21 +25,23 @@ def _csv(path):
 @pytest.mark.slow
 def test_compare_writes_tables_and_a_rejected_combination_does_not_stop_it(tmp_path):
     out = tmp_path / "cmp"
-    proc = run_cli("compare", "--strategies", "none;none,amp;amp", "--sizes", "128", *SMALL, "--out", str(out))
+    proc = run_cli("compare", "--strategies", "none;none,amp;ddp;amp", "--sizes", "128", *SMALL, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["strategies"]: r for r in _csv(out / "compare.csv")}
-    assert list(rows) == ["none", "none,amp", "amp"]
+    assert list(rows) == ["none", "none,amp", "ddp", "amp"]
     none, bad, amp = rows["none"], rows["none,amp"], rows["amp"]
     assert none["status"] == amp["status"] == "ok" and none["backend"] == "tensor"
     assert bad["status"] == "rejected" and "cannot be combined" in bad["reason"]
+    # Placement strategies need several processes (torchrun): a single-process cell says so and the sweep goes on.
+    assert rows["ddp"]["status"] == "rejected" and "torchrun" in rows["ddp"]["reason"]
     for col in ("forward_peak_mib", "backward_peak_mib", "step_peak_mib", "step_time_s", "loss", "batch_size"):
         assert float(none[col]) > 0 and float(amp[col]) > 0, col
     assert float(none["forward_ratio"]) == 1.0 and float(none["backward_ratio"]) == 1.0
     # 16-bit activations: amp's forward peak, divided by none's, is what the ratio column says.
     assert float(amp["forward_ratio"]) == pytest.approx(float(amp["forward_peak_mib"]) / float(none["forward_peak_mib"]), abs=1e-3)
     doc = json.loads((out / "compare.json").read_text())
-    assert [r["strategies"] for r in doc["rows"]] == ["none", "none,amp", "amp"]
-    assert doc["cells"][2]["plan"] == "amp:bf16" and doc["cells"][2]["blocks"]["decoder.blocks.4"] > 0
+    assert [r["strategies"] for r in doc["rows"]] == ["none", "none,amp", "ddp", "amp"]
+    assert doc["cells"][3]["plan"] == "amp:bf16" and doc["cells"][3]["blocks"]["decoder.blocks.4"] > 0
     md = (out / "compare.md").read_text()
     for text in ("| device | CPU", "| torch | ", "segmentation-models-pytorch", "| CPU | ", "memory backend of the peaks | tensor", "| amp | 128 | ok |"):
         assert text in md, text

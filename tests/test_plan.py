@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import yaml
@@ -10,7 +11,7 @@ from conftest import ROOT, assert_user_error, run_cli
 
 from memtrain.cli import main
 from memtrain.errors import ConfigError
-from memtrain.memory.planner import Planner, chosen, combinations, required_bytes
+from memtrain.memory.planner import Planner, chosen, combinations, left_out, required_bytes, strategy_options
 from memtrain.memory.units import parse_bytes
 from memtrain.strategies import Environment, available
 
@@ -40,13 +41,23 @@ def test_parse_bytes_rejects_with_the_flag_named(text):
         parse_bytes(text)
 
 
-def test_combinations_cover_every_registered_strategy_and_pairs():
-    combos = combinations()
-    names = [n for n in available() if n != "none"]
-    assert combos[0] == "none"
-    assert set(names) <= set(combos)
-    assert len(combos) == 2 ** len(names)  # none + every non-empty subset
-    assert len(combinations(max_size=1)) == 1 + len(names)
+def test_combinations_cover_every_planned_variant_and_leave_out_placement():
+    combos = combinations(env=GPU)
+    options = strategy_options(GPU)
+    assert set(options) == {n for n in available() if n != "none"}  # every registered strategy is asked
+    singles = [spec for specs, _ in options.values() for spec in specs]
+    assert {"amp", "tf32", "offload", "quant", "momentum", *(f"checkpoint:{v}" for v in ("selective", "blocks", "stages", "full"))} == set(singles)
+    assert combos[0] == "none" and set(singles) <= set(combos)
+    # none + every subset of strategies, each in each of its planned variants (one variant per combination).
+    assert len(combos) == len(set(combos)) == math.prod(1 + len(specs) for specs, _ in options.values())
+    assert all(len({s.split(":")[0] for s in c.split(",")}) == len(c.split(",")) for c in combos)
+    assert len(combinations(max_size=1, env=GPU)) == 1 + len(singles)
+    # Placement strategies run several processes; offload does nothing on a CPU target: left out, with the reason.
+    reasons = dict(left_out(GPU))
+    assert all("torchrun" in reasons[n] for n in ("ddp", "pipeline", "rpc")) and "fp8" in reasons["quant"]
+    assert not any(n in c for c in combos for n in ("ddp", "pipeline", "rpc"))
+    cpu = Environment(device="cpu", native_bf16=False)
+    assert not any("offload" in c for c in combinations(env=cpu)) and "CPU" in dict(left_out(cpu))["offload"]
 
 
 @pytest.fixture(scope="module")
@@ -92,18 +103,21 @@ def test_choice_is_the_fastest_that_fits(planned):
 
 def test_plan_rejected_combinations_are_listed_not_estimated():
     planner = Planner(size=128, encoder="resnet18", env=GPU)
-    [rejected] = planner.plan(["none,amp"])
+    rejected, placed = planner.plan(["none,amp", "amp,ddp"])
     assert rejected.status == "rejected" and "cannot be combined" in rejected.reason and rejected.memory is None
+    assert placed.status == "rejected" and "ddp: runs several processes launched with torchrun" in placed.reason
     assert not planner._cache  # nothing was estimated
 
 
 @pytest.mark.slow
 def test_plan_cli_json(tmp_path):
-    # --max-size 1: none and each strategy alone (bounded whatever the registry holds); --jobs 2: estimated in 2 processes.
-    proc = run_cli("plan", "--size", "128", "--encoder", "resnet18", "--budget", "2GiB", "--json", "--max-size", "1", "--jobs", "2")
+    # --jobs 2: estimated in 2 processes; a placement strategy is listed as rejected (it needs torchrun), not estimated.
+    combos = ["none", "amp", "tf32", "checkpoint:full", "amp,ddp"]
+    proc = run_cli("plan", "--size", "128", "--encoder", "resnet18", "--budget", "2GiB", "--json", "--strategies", ";".join(combos), "--jobs", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)
-    assert {r["strategies"] for r in rows} == set(combinations(max_size=1))
+    assert [r["strategies"] for r in rows][-1] == "amp,ddp" and {r["strategies"] for r in rows} == set(combos)
+    assert rows[-1]["status"] == "rejected" and "torchrun" in rows[-1]["reason"] and rows[-1]["step_peak_mib"] is None
     for r in rows:
         assert {"strategies", "size", "forward_peak_mib", "backward_peak_mib", "step_peak_mib", "fits"} <= set(r)
         if r["status"] == "ok":

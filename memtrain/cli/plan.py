@@ -33,7 +33,10 @@ def add_parser(sub) -> None:
         default="cuda",
         help="target device the plan is for [default: cuda; without a GPU here, assumed Ampere or newer (native bf16)]",
     )
-    p.add_argument("--strategies", help="';'-separated combinations to consider instead of all of them, e.g. 'none;amp;amp,tf32'")
+    p.add_argument(
+        "--strategies",
+        help="';'-separated combinations to consider instead of all of them (every checkpoint granularity, quant:int8, offload on CUDA; no torchrun placements), e.g. 'none;amp;amp,tf32'",
+    )
     p.add_argument("--headroom", default="1GiB", help="memory kept free for the CUDA context and workspaces [default: 1GiB]")
     p.add_argument("--max-size", type=int, default=None, help="largest number of strategies in one combination [default: all]")
     p.add_argument("--jobs", type=int, default=1, help="processes estimating in parallel [default: 1]")
@@ -84,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     if combos is None and args.max_size is not None:
         from memtrain.memory.planner import combinations
 
-        combos = combinations(max_size=args.max_size)
+        combos = combinations(max_size=args.max_size, env=env)
     cands = planner.plan(combos)
     best = chosen(cands)
     if args.json:
@@ -137,6 +140,11 @@ def format_plan(cands, best, planner, args, how: str) -> str:
     for c in cands:
         if c.memory is None:
             lines.append(f"not estimated: {c.strategies}: {c.status}: {c.reason}")
+    if args.strategies is None:
+        from memtrain.memory.planner import left_out
+
+        for name, why in left_out(env):
+            lines.append(f"not considered: {name}: {why}")
     if planner.budget is not None:
         if best is None:
             lines.append(f"nothing fits in {fmt_bytes(planner.budget)}: lower --size or --batch-size, or find more memory")

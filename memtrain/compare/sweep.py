@@ -97,7 +97,7 @@ def precheck(combo: str, device: str) -> str | None:
     """Why ``combo`` is rejected here, judged without touching CUDA (None: let the cell decide)."""
     import torch
 
-    from memtrain.strategies import Environment, Plan
+    from memtrain.strategies import Environment, Plan, Stage
 
     target = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
     import warnings
@@ -105,9 +105,12 @@ def precheck(combo: str, device: str) -> str | None:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            Plan.resolve(combo, Environment(device=target, native_bf16=True))
+            plan = Plan.resolve(combo, Environment(device=target, native_bf16=True))
     except MemtrainError as e:
         return str(e)
+    placed = [s.name for s in plan.strategies if s.stage == Stage.PLACEMENT]
+    if placed:
+        return f"{placed[0]} runs several processes launched with torchrun; memtrain compare's cells are single processes"
     return None
 
 

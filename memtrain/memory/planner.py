@@ -1,9 +1,13 @@
 """Choose memory strategies for a budget: estimate every combination's step with fake tensors.
 
-Candidates are the registered strategies (their default variant) alone and in every
-combination — pairs, triples, up to all of them (``max_size`` bounds it) — plus
-``none``. Each is resolved for the target environment first; combinations that
-:meth:`Plan.resolve` rejects are listed with the reason and never measured. The rest
+Candidates are ``none`` and every combination of the registered strategies — alone, in
+pairs, triples, up to all of them (``max_size`` bounds it) — each strategy in each of
+the variants it offers to plans (:meth:`Strategy.plan_options`: every checkpoint
+granularity; ``quant:int8``; ``offload`` on a CUDA target only; no placement strategy,
+since those run several processes). What is left out is listed with the reason
+(:func:`left_out`). Each combination is resolved for the target environment first;
+combinations that :meth:`Plan.resolve` rejects are listed with the reason and never
+measured. The rest
 are measured with :func:`memtrain.memory.estimate.measure_step` under fake tensors: the
 exact tensor bytes of the fit's training step, nothing allocated, ~1-3 s each on a
 CPU whatever the image size.
@@ -84,6 +88,13 @@ class Candidate:
         }
 
 
+def default_target():
+    """The environment plans are for unless told otherwise: a CUDA GPU with native bf16 (Ampere or newer)."""
+    from memtrain.strategies import Environment
+
+    return Environment(device="cuda", native_bf16=True)
+
+
 def strategy_names() -> list[str]:
     """Registered strategies other than ``none``, in transform order."""
     from memtrain.strategies import registered
@@ -91,11 +102,26 @@ def strategy_names() -> list[str]:
     return [cls.name for cls in sorted(registered().values(), key=lambda c: (c.stage, c.name)) if cls.name != "none"]
 
 
-def combinations(names: list[str] | None = None, max_size: int | None = None) -> list[str]:
-    """``none``, then every combination of ``names`` of 1 .. ``max_size`` strategies."""
-    names = strategy_names() if names is None else names
-    top = len(names) if max_size is None else min(max_size, len(names))
-    return ["none"] + [",".join(c) for k in range(1, top + 1) for c in itertools.combinations(names, k)]
+def strategy_options(env=None) -> dict[str, tuple[tuple[str, ...], str]]:
+    """Each registered strategy's specs for plans on ``env`` and the reason for what it leaves out (:meth:`Strategy.plan_options`)."""
+    from memtrain.strategies import registered
+
+    env = env or default_target()
+    classes = registered()
+    return {name: classes[name].plan_options(env) for name in strategy_names()}
+
+
+def left_out(env=None) -> list[tuple[str, str]]:
+    """(strategy, reason) for the strategies and variants plans do not consider on ``env``."""
+    return [(name, reason) for name, (_specs, reason) in strategy_options(env).items() if reason]
+
+
+def combinations(names: list[str] | None = None, max_size: int | None = None, env=None) -> list[str]:
+    """``none``, then every combination of 1 .. ``max_size`` of the strategies ``names`` (default: all), in each planned variant."""
+    options = strategy_options(env)
+    groups = [options[n][0] for n in (strategy_names() if names is None else names) if options[n][0]]
+    top = len(groups) if max_size is None else min(max_size, len(groups))
+    return ["none"] + [",".join(specs) for k in range(1, top + 1) for chosen in itertools.combinations(groups, k) for specs in itertools.product(*chosen)]
 
 
 def required_bytes(step_peak: int, headroom: int = HEADROOM_BYTES, fraction: float = HEADROOM_FRACTION) -> int:
@@ -131,10 +157,8 @@ class Planner:
         fraction: float = HEADROOM_FRACTION,
         jobs: int = 1,
     ) -> None:
-        from memtrain.strategies import Environment
-
         self.size, self.batch_size, self.encoder = size, batch_size, encoder
-        self.env = env or Environment(device="cuda", native_bf16=True)
+        self.env = env or default_target()
         self.budget, self.headroom, self.fraction = budget, headroom, fraction
         self.jobs = max(1, jobs)
         self._cache: dict[str, StepMemory | str] = {}
@@ -147,13 +171,18 @@ class Planner:
         from memtrain.strategies import Plan
 
         out = []
-        for combo in combinations() if combos is None else combos:
+        for combo in combinations(env=self.env) if combos is None else combos:
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
                     plan = Plan.resolve(combo, self.env)
             except MemtrainError as e:
                 out.append(Candidate(combo, combo, math.inf, status="rejected", reason=str(e)))
+                continue
+            unplanned = [(s.name, type(s).plan_options(self.env)[1]) for s in plan.strategies if not type(s).plan_options(self.env)[0]]
+            if unplanned:
+                name, why = unplanned[0]
+                out.append(Candidate(combo, plan.label, math.inf, status="rejected", reason=f"{name}: {why}"))
                 continue
             out.append(Candidate(combo, plan.label, plan.time_cost))
         return out

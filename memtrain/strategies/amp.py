@@ -40,7 +40,7 @@ class AMP(Strategy):
     summary = "16-bit autocast (bf16 where supported, else fp16 + GradScaler): ~half the activation memory"
     # GPUs: tensor-core convolutions; mixed-precision U-Net training steps typically take
     # 0.5-0.7 of the float32 time on Volta and newer. CPU (no native bf16): convolutions run on
-    # float32 kernels plus casts; see benchmarks/results for the measured ratio.
+    # float32 kernels plus casts: measured x1.18 (benchmarks/results/strategy_time_cpu.md).
     time_cost = 0.6
     time_cost_cpu = 1.2
     variants = ("auto", "bf16", "fp16")

@@ -101,6 +101,15 @@ class Strategy:
     time_cost: ClassVar[float] = 1.0
     time_cost_cpu: ClassVar[float | None] = None
 
+    @classmethod
+    def plan_options(cls, env: Environment) -> tuple[tuple[str, ...], str]:
+        """The specs `memtrain plan` and `fit --strategies auto` consider for ``env``, and why the others are left out.
+
+        Default: the default variant only. A strategy overrides this to offer several
+        variants (e.g. checkpoint granularities) or none (an empty tuple, with the reason).
+        """
+        return (cls.name,), ""
+
     def __init__(self, variant: str | None = None) -> None:
         self.variant = variant if variant is not None else (self.variants[0] if self.variants else None)
         self.env = Environment()

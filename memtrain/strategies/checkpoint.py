@@ -84,6 +84,12 @@ GRANULARITIES = {
     "selective": Granularity(stem=True, blocks=True, head=True, loss=False, selective=True),
 }
 
+# Expected step time relative to `none`, per granularity: (CUDA GPU, CPU). CPU: measured by
+# benchmarks/strategy_time.py (benchmarks/results/strategy_time_cpu.md: process CPU time,
+# 256², resnet34, interleaved). GPU: assumed equal to the CPU ratio — the recompute is the
+# same arithmetic as the forward it repeats — not measured on a GPU.
+TIME_COST = {"selective": (1.07, 1.07), "blocks": (1.44, 1.44), "stages": (1.30, 1.30), "full": (1.41, 1.41)}
+
 
 # -- one region ------------------------------------------------------------------------------
 def _keep_expensive(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -364,6 +370,14 @@ class Checkpoint(Strategy):
     stage = Stage.CHECKPOINT
     summary = "recompute activations in backward, per residual block / conv unit: ~1/3 of the fp32 peak for ~1 extra forward"
     variants = ("blocks", "stages", "full", "selective")
+
+    @classmethod
+    def plan_options(cls, env) -> tuple[tuple[str, ...], str]:
+        return tuple(f"{cls.name}:{v}" for v in ("selective", "blocks", "stages", "full")), ""
+
+    def relative_time(self) -> float:
+        gpu, cpu = TIME_COST[self.variant]
+        return cpu if self.env.device == "cpu" else gpu
 
     def transform(self, model: nn.Module) -> nn.Module:
         return apply_checkpointing(model, self.variant)

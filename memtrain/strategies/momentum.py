@@ -365,6 +365,12 @@ class Momentum(Strategy):
     stage = Stage.RESTRUCTURE
     summary = "invertible MomentumNet encoder stages (changes the network: momentum residual, γ=0.9; :reference = same net, normal backprop)"
     variants = ("invertible", "reference")
+    # Measured on CPU (benchmarks/results/strategy_time_cpu.md); GPU assumed the same (the second forward of the blocks).
+    time_cost = 1.46
+
+    @classmethod
+    def plan_options(cls, env) -> tuple[tuple[str, ...], str]:
+        return (cls.name,), "momentum:reference saves no memory (it is the reference for momentum's accuracy)"
 
     def check(self, plan: Plan) -> None:
         # fp16, bf16: the exact arithmetic runs in float64/int64 and the recompute under the forward's autocast.

@@ -21,6 +21,10 @@ class Placement(Strategy):
     stage = Stage.PLACEMENT
     shards_model = True  # rpc/pipeline cut the model and drive it from their own loop
 
+    @classmethod
+    def plan_options(cls, env) -> tuple[tuple[str, ...], str]:
+        return (), "runs several processes launched with torchrun; plans estimate one process's step"
+
     def check(self, plan) -> None:
         others = [s.spec for s in plan.strategies if s.stage == Stage.PLACEMENT and s is not self]
         if others:

@@ -344,6 +344,12 @@ class Quant(Strategy):
     stage = Stage.QUANTIZE
     summary = "int8 (default) / fp8 storage of saved activations (x1/4 fp32, x1/2 amp); :qat = quantization-aware training for int8 deployment (RAISES memory)"
     variants = ("int8", "fp8", "qat")
+    # int8: measured on CPU (benchmarks/results/strategy_time_cpu.md, x1.29; fp8 x1.33); GPU assumed the same, not measured.
+    time_cost = 1.3
+
+    @classmethod
+    def plan_options(cls, env) -> tuple[tuple[str, ...], str]:
+        return (cls.name,), "quant:fp8 keeps as many bytes as quant:int8 (1 per element); quant:qat raises training memory (it is for int8 deployment)"
 
     def __init__(self, variant: str | None = None) -> None:
         super().__init__(variant)
