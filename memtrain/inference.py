@@ -68,6 +68,7 @@ from torch import nn
 
 from memtrain.config import SIZE_MULTIPLE, FitConfig, from_dict
 from memtrain.errors import CheckpointError, ConfigError, MemtrainError, StrategyError
+from memtrain.model import state_dict_mismatch
 from memtrain.strategies.base import Environment, Stage, Strategy
 
 SECTION = "memtrain"
@@ -187,23 +188,10 @@ def load_model(path: str | Path, *, device: str | torch.device = "cpu") -> tuple
 
 
 def _check_keys(model: nn.Module, weights: dict[str, torch.Tensor], path: Path, strategies: list[Strategy]) -> None:
-    own = model.state_dict()
-    missing = sorted(set(own) - set(weights))
-    unexpected = sorted(set(weights) - set(own))
-    resizing = _self_resizing_prefixes(model)
-    mismatched = [k for k in own if k in weights and tuple(weights[k].shape) != tuple(own[k].shape) and not k.startswith(resizing)]
-    if not (missing or unexpected or mismatched):
-        return
-    parts = []
-    if missing:
-        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-    if unexpected:
-        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-    if mismatched:
-        k = mismatched[0]
-        parts.append(f"{len(mismatched)} of another shape (e.g. {k}: {tuple(weights[k].shape)} vs {tuple(own[k].shape)})")
-    label = ",".join(s.spec for s in strategies) or "none"
-    raise CheckpointError(f"{path}: weights do not match the rebuilt model (strategies: {label}): " + "; ".join(parts))
+    parts = state_dict_mismatch(model.state_dict(), weights, skip_shape=_self_resizing_prefixes(model))
+    if parts:
+        label = ",".join(s.spec for s in strategies) or "none"
+        raise CheckpointError(f"{path}: weights do not match the rebuilt model (strategies: {label}): " + "; ".join(parts))
 
 
 def freeze_observers(model: nn.Module) -> nn.Module:

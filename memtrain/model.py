@@ -69,17 +69,26 @@ def load_encoder_weights(encoder: nn.Module, path: str | Path) -> None:
         if own[first].shape[1] != 1:
             raise CheckpointError(f"{flag}: {first} has {cleaned[first].shape[1]} input channels, the encoder expects {own[first].shape[1]}")
         cleaned[first] = cleaned[first].sum(dim=1, keepdim=True)
-    missing = sorted(set(own) - set(cleaned))
-    unexpected = sorted(set(cleaned) - set(own))
-    mismatched = [k for k in own if k in cleaned and cleaned[k].shape != own[k].shape]
-    if missing or unexpected or mismatched:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
-        if mismatched:
-            k = mismatched[0]
-            parts.append(f"{len(mismatched)} of another shape (e.g. {k}: {tuple(cleaned[k].shape)} vs {tuple(own[k].shape)})")
+    parts = state_dict_mismatch(own, cleaned)
+    if parts:
         raise CheckpointError(f"{flag}: does not match the {encoder.__class__.__name__} encoder: " + "; ".join(parts))
     encoder.load_state_dict(cleaned)
+
+
+def state_dict_mismatch(own: dict[str, torch.Tensor], given: dict[str, torch.Tensor], *, skip_shape: tuple[str, ...] = ()) -> list[str]:
+    """How ``given`` differs from a module's ``own`` state_dict, as short phrases (empty when it loads strictly).
+
+    Keys starting with one of ``skip_shape`` may differ in shape (buffers their module resizes on load).
+    """
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    mismatched = [k for k in own if k in given and tuple(given[k].shape) != tuple(own[k].shape) and not k.startswith(skip_shape)]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing (e.g. {missing[0]})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected (e.g. {unexpected[0]})")
+    if mismatched:
+        k = mismatched[0]
+        parts.append(f"{len(mismatched)} of another shape (e.g. {k}: {tuple(given[k].shape)} vs {tuple(own[k].shape)})")
+    return parts
