@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
         f"U-Net {args.encoder}, batch 1, 1 − MS-SSIM, Adam; `tensor_peak` (live tensor bytes) per phase of the second step, "
         "fake tensors (`fake`) and, at the smallest size, a real CPU step (`real`). "
         + (
-            f"Time: median of {args.repeats} real steps at {small}², combinations interleaved, ÷ the baseline's median (machine shared with other jobs)."
+            f"Time: median of {args.repeats} real steps at {small}², combinations interleaved, ÷ the baseline's median."
             if median
             else "Memory only (`--repeats 0`): no real steps, no time."
         ),
