@@ -120,27 +120,45 @@ def _package_root() -> str:
     return str(Path(memtrain.__file__).resolve().parents[1])
 
 
+def cell_env() -> dict[str, str]:
+    """The environment of a cell's process: this memtrain first on the path."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _package_root() + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def run_killable(cmd: list[str], *, env: dict[str, str], timeout: float, cwd: str | None = None, merge_output: bool = False) -> tuple[int, str] | None:
+    """Run ``cmd`` in its own process group; ``(returncode, output)``, or None when it ran past ``timeout`` (the group is killed).
+
+    ``output`` is stderr, or stdout and stderr together with ``merge_output``.
+    """
+    streams = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT} if merge_output else {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, text=True, start_new_session=True, **streams)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    return proc.returncode, (stdout if merge_output else stderr) or ""
+
+
 def run_cell_process(spec: dict, timeout: float) -> dict:
     """Run one cell in a fresh ``python -m memtrain compare --cell`` process; failures come back as results."""
     base = {"strategies": spec["strategies"], "size": spec["size"], "batch_size": spec["batch_size"], "phase": ""}
-    env = dict(os.environ)
-    env["PYTHONPATH"] = _package_root() + os.pathsep + env.get("PYTHONPATH", "")
     with tempfile.TemporaryDirectory(prefix="memtrain-cell-") as tmp:
         out = Path(tmp) / "cell.json"
         cmd = [sys.executable, "-m", "memtrain", "compare", "--cell", json.dumps(spec), "--cell-out", str(out)]
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-        try:
-            _, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        done = run_killable(cmd, env=cell_env(), timeout=timeout)
+        if done is None:
             return base | {"status": "error", "reason": f"timed out after {timeout:g} s (--cell-timeout); killed"}
+        returncode, stderr = done
         if out.exists():
             return json.loads(out.read_text())
-        if proc.returncode == -signal.SIGKILL:
+        if returncode == -signal.SIGKILL:
             return base | {"status": "oom", "reason": "the cell was killed by SIGKILL (the kernel's out-of-memory killer?)"}
         lines = [ln for ln in (stderr or "").strip().splitlines() if ln.strip()]
-        return base | {"status": "error", "reason": f"the cell exited with code {proc.returncode}: {lines[-1][:300] if lines else 'no output'}"}
+        return base | {"status": "error", "reason": f"the cell exited with code {returncode}: {lines[-1][:300] if lines else 'no output'}"}
 
 
 def run_sweep(sweep: Sweep, *, log=print) -> list[dict]:

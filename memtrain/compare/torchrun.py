@@ -28,10 +28,7 @@ killed (its whole process group) and recorded as ``error``.
 from __future__ import annotations
 
 import csv
-import os
-import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -96,26 +93,22 @@ def fit_args(spec: dict, nproc: int, out: Path) -> list[str]:
 
 def run_torchrun_cell(spec: dict, nproc: int, timeout: float) -> dict:
     """Run one distributed cell as a torchrun job and build its result from the run directory."""
-    from memtrain.compare.sweep import _package_root
+    from memtrain.compare.sweep import cell_env, run_killable
 
     base = {"strategies": spec["strategies"], "size": spec["size"], "batch_size": spec["batch_size"], "phase": "", "launcher": "torchrun"}
     base["nproc_per_node"] = nproc
-    env = dict(os.environ)
-    env["PYTHONPATH"] = _package_root() + os.pathsep + env.get("PYTHONPATH", "")
+    env = cell_env()
     env.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory(prefix="memtrain-torchrun-") as tmp:
         run_dir = Path(tmp) / "run"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc), "-m", "memtrain", "fit"]
         cmd += fit_args(spec, nproc, run_dir)
-        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-        try:
-            output, _ = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.communicate()
+        done = run_killable(cmd, env=env, timeout=timeout, cwd=tmp, merge_output=True)
+        if done is None:
             return base | {"status": "error", "reason": f"torchrun timed out after {timeout:g} s (--cell-timeout); killed"}
-        if proc.returncode != 0:
-            return base | {"status": "error", "reason": f"torchrun exited with code {proc.returncode}: {failure_line(output)}"}
+        returncode, output = done
+        if returncode != 0:
+            return base | {"status": "error", "reason": f"torchrun exited with code {returncode}: {failure_line(output)}"}
         try:
             return base | result_from_run(run_dir, spec["steps"])
         except (OSError, ValueError, KeyError) as e:
