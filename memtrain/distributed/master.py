@@ -19,7 +19,6 @@ from a mid-epoch checkpoint skips the batches already done).
 
 from __future__ import annotations
 
-import csv
 import io
 import math
 import time
@@ -34,9 +33,9 @@ from memtrain.config import FitConfig, to_dict
 from memtrain.data.module import loader_workers
 from memtrain.distributed.memory import earlier_rows, format_rank_table, memory_file, rank_memory, summarize_ranks, write_rank_files
 from memtrain.errors import CheckpointError
-from memtrain.loop.callbacks import METRIC_COLUMNS, render_samples
+from memtrain.loop.callbacks import MetricsFile, format_metric, render_samples
 from memtrain.loop.fit import CHECKPOINT_DIR, LAST, _print_outcome, open_run_dir, resume_checkpoint
-from memtrain.rundir import atomic_write_bytes, atomic_write_text
+from memtrain.rundir import atomic_write_bytes
 
 BEST = "best.ckpt"
 
@@ -73,29 +72,6 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-class _Metrics:
-    """metrics.csv: one row per epoch, rewritten atomically (the columns of single-process runs)."""
-
-    def __init__(self, path: Path, first_epoch: int) -> None:
-        self.path = path
-        self.rows: list[dict[str, str]] = []
-        if path.exists():
-            with path.open(newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < first_epoch]
-
-    def add(self, row: dict[str, str]) -> None:
-        self.rows.append(row)
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.path, buf.getvalue())
-
-
-def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{v:.6f}"
-
-
 def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.device, engine_factory: Callable[[Any], Any]) -> Path:
     """Rank 0's whole run; the other ranks serve ``engine``'s calls meanwhile. Returns the run directory."""
     from memtrain.data.module import build_datasets
@@ -118,7 +94,8 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
         print(f"memtrain: resumed at epoch {epoch}, step {step}", flush=True)
     first_step = step
     kept: dict[int, list[str]] = {}  # per rank: memory rows of the steps before a resume
-    metrics = _Metrics(run_dir / "metrics.csv", epoch)
+    metrics = MetricsFile(run_dir / "metrics.csv")
+    metrics.resume(epoch)
     loss_fn = MSSSIMLoss()
     ckpt_dir = run_dir / CHECKPOINT_DIR
     pin = device.type == "cuda"
@@ -209,9 +186,9 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
                 if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0 and batch_index < n_batches:
                     checkpoint(ckpt_dir / LAST, epoch, batch_index)  # (the last batch of an epoch: the epoch-end checkpoint follows)
             finished = batch_index >= n_batches
-            row = {"epoch": str(epoch), "step": str(step), "lr": f"{engine.lr():.6g}", "train_loss": _fmt(loss_sum / seen if seen else None)}
+            row = {"epoch": str(epoch), "step": str(step), "lr": f"{engine.lr():.6g}", "train_loss": format_metric(loss_sum / seen if seen else None)}
             if (epoch + 1) % cfg.train.val_every == 0:
-                row.update({k: _fmt(v) for k, v in validate().items()})
+                row.update({k: format_metric(v) for k, v in validate().items()})
             row["epoch_seconds"] = f"{time.perf_counter() - t0:.2f}"
             metrics.add(row)
             print(

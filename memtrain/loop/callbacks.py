@@ -28,6 +28,39 @@ METRIC_COLUMNS = (
 )
 
 
+def format_metric(v: float | None) -> str:
+    """A metric as written in ``metrics.csv`` (empty when not measured)."""
+    return "" if v is None else f"{v:.6f}"
+
+
+class MetricsFile:
+    """``metrics.csv``: one row per epoch in ``METRIC_COLUMNS``, rewritten atomically after each row.
+
+    Shared by single-process runs (:class:`MetricsCSV`) and the distributed master loop.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.rows: list[dict[str, str]] = []
+
+    def resume(self, first_epoch: int) -> None:
+        """Keep the rows of epochs before ``first_epoch`` (the ones the resumed checkpoint covers)."""
+        self.rows = []
+        if self.path.exists():
+            with self.path.open(newline="") as f:
+                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < first_epoch]
+
+    def add(self, row: dict[str, str], *, write: bool = True) -> None:
+        self.rows.append(row)
+        if not write:
+            return
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_text(self.path, buf.getvalue())
+
+
 class MetricsCSV(L.Callback):
     """One row per epoch in ``metrics.csv``: losses, image metrics (model and identity), lr, seconds.
 
@@ -36,15 +69,16 @@ class MetricsCSV(L.Callback):
     """
 
     def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        self.rows: list[dict[str, str]] = []
+        self.file = MetricsFile(path)
         self._t0 = 0.0
         self._validated_epoch = -1
 
+    @property
+    def path(self) -> Path:
+        return self.file.path
+
     def on_train_start(self, trainer, pl_module) -> None:
-        if self.path.exists():
-            with self.path.open(newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["epoch"]) < trainer.current_epoch]
+        self.file.resume(trainer.current_epoch)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._t0 = time.perf_counter()
@@ -61,24 +95,13 @@ class MetricsCSV(L.Callback):
             "epoch": str(trainer.current_epoch),
             "step": str(trainer.global_step),
             "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.6g}" if trainer.optimizers else "",
-            "train_loss": _fmt(m.get("train_loss_epoch")),
+            "train_loss": format_metric(m.get("train_loss_epoch")),
             "epoch_seconds": f"{time.perf_counter() - self._t0:.2f}",
         }
         for col in METRIC_COLUMNS:
             if col.startswith(("val_", "identity_")):
-                row[col] = _fmt(m.get(col)) if ran_val else ""
-        self.rows.append(row)
-        if not trainer.is_global_zero:  # data parallel: one writer
-            return
-        buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(self.rows)
-        atomic_write_text(self.path, buf.getvalue())
-
-
-def _fmt(v: float | None) -> str:
-    return "" if v is None else f"{v:.6f}"
+                row[col] = format_metric(m.get(col)) if ran_val else ""
+        self.file.add(row, write=trainer.is_global_zero)  # data parallel: one writer
 
 
 class SampleImages(L.Callback):
