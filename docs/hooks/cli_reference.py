@@ -14,8 +14,6 @@ import dataclasses
 import re
 import typing
 
-from mkdocs.structure.files import File
-
 CLI_PAGE = "reference/cli.md"
 CONFIG_PAGE = "reference/config.md"
 TEST_MARKER = "<!-- test-modules -->"
@@ -186,6 +184,8 @@ def on_page_markdown(markdown, page, config, files):
 
 
 def on_files(files, config):
+    from mkdocs.structure.files import File
+
     for uri, text in ((CLI_PAGE, cli_markdown()), (CONFIG_PAGE, config_markdown())):
         files.append(File.generated(config, uri, content=text))
     return files
