@@ -183,6 +183,14 @@ def on_page_markdown(markdown, page, config, files):
     return markdown
 
 
+_ROLE = re.compile(r":(?:meth|class|func|data|mod|attr|obj):(<code>)~?")
+
+
+def on_page_content(html, page, config, files):
+    """Docstrings use Sphinx roles (:class:`X`); mkdocstrings renders them as text before the code span: drop the role."""
+    return _ROLE.sub(r"\1", html)
+
+
 def on_files(files, config):
     from mkdocs.structure.files import File
 
