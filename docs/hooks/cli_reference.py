@@ -10,9 +10,11 @@ accept. ``mkdocs build --strict`` fails if generation fails.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import re
 import typing
+from pathlib import Path
 
 CLI_PAGE = "reference/cli.md"
 CONFIG_PAGE = "reference/config.md"
@@ -165,21 +167,18 @@ def config_markdown() -> str:
     return "\n".join(lines)
 
 
-def test_modules_markdown() -> str:
-    """A table of the test modules and the first line of their docstrings."""
-    import ast
-    from pathlib import Path
-
+def test_modules_markdown(root: Path) -> str:
+    """A table of the test modules under ``root``/tests and the first line of their docstrings."""
     rows = ["| module | what it checks |", "|---|---|"]
-    for path in sorted(Path("tests").glob("test_*.py")):
+    for path in sorted((root / "tests").glob("test_*.py")):
         doc = ast.get_docstring(ast.parse(path.read_text())) or ""
-        rows.append(f"| `{path}` | {_cell(doc.splitlines()[0] if doc else '')} |")
+        rows.append(f"| `tests/{path.name}` | {_cell(doc.splitlines()[0] if doc else '')} |")
     return "\n".join(rows)
 
 
 def on_page_markdown(markdown, page, config, files):
     if TEST_MARKER in markdown:
-        markdown = markdown.replace(TEST_MARKER, test_modules_markdown())
+        markdown = markdown.replace(TEST_MARKER, test_modules_markdown(Path(config.config_file_path).parent))
     return markdown
 
 
