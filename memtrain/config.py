@@ -396,5 +396,5 @@ def apply_overrides(cfg: FitConfig, args: argparse.Namespace) -> FitConfig:
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(yaml key, flag, help) for every field — used by the README and `--help`."""
+    """(yaml key, flag, help) for every field — used by the generated docs reference (docs/hooks/cli_reference.py) and its test."""
     return [(_key(s, f.name), flag_of(s, f), f.metadata["help"]) for s, f in _sections()]
