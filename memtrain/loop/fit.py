@@ -100,7 +100,7 @@ class LightningRunner:
 
         run_dir = self.open_run_dir(cfg, resume)
         self.announce(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})")
-        module = EnhancementModule(model, plan, cfg.train, samples=cfg.run.samples, config=to_dict(cfg))
+        module = EnhancementModule(model, plan, cfg.train, loss=cfg.loss, samples=cfg.run.samples, config=to_dict(cfg))
 
         device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
         ckpt_dir = run_dir / CHECKPOINT_DIR
