@@ -5,10 +5,12 @@ Also: float32 whatever the autocast state; window adaptation for small images.
 
 from __future__ import annotations
 
+import csv
 import re
 
 import pytest
 import torch
+import yaml
 from pytorch_msssim import ms_ssim
 
 from memtrain.errors import ConfigError
@@ -241,3 +243,29 @@ def test_loss_registry_and_config_field_agree():
         from_dict({"loss": "ssim"}, "x.yaml")
     with pytest.raises(ConfigError, match="--loss ssim: expected one of"):
         build_loss("ssim")
+
+
+@pytest.mark.slow
+def test_fit_never_reports_a_flat_loss_and_reference_loss_still_runs(tmp_path):
+    """`memtrain fit --strategies momentum --size 256` (ResNet34, zero head): pytorch-msssim's loss is flat at 1.0 from step 2, memtrain's trains.
+
+    One step per epoch, so metrics.csv's per-epoch train_loss is each step's loss.
+    """
+    from conftest import ROOT, run_cli
+
+    args = ["fit", "--config", str(ROOT / "configs" / "ci-tiny.yaml"), "--encoder", "resnet34", "--strategies", "momentum", "--size", "256"]
+    args += ["--train-images", "2", "--val-images", "2", "--epochs", "3", "--max-steps", "3", "--samples", "0", "--no-memory"]
+    losses = {}
+    for name, extra in (("msssim", ["--val-every", "10"]), ("msssim:reference", ["--val-every", "3", "--loss", "msssim:reference"])):
+        out = tmp_path / name.replace(":", "_")
+        proc = run_cli(*args, *extra, "--out", str(out))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        with (out / "metrics.csv").open() as f:
+            losses[name] = [float(r["train_loss"]) for r in csv.DictReader(f)]
+        assert yaml.safe_load((out / "config.yaml").read_text())["loss"] == name
+    assert len(losses["msssim"]) == 3
+    assert all(0 < v < 1.0 for v in losses["msssim"]), losses
+    assert losses["msssim"][-1] < losses["msssim"][0]
+    assert 1.0 in losses["msssim:reference"][1:], losses  # the defect the default loss removes
+    ckpt = torch.load(tmp_path / "msssim_reference" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["memtrain"]["config"]["loss"] == "msssim:reference"
