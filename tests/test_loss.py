@@ -269,3 +269,13 @@ def test_fit_never_reports_a_flat_loss_and_reference_loss_still_runs(tmp_path):
     assert 1.0 in losses["msssim:reference"][1:], losses  # the defect the default loss removes
     ckpt = torch.load(tmp_path / "msssim_reference" / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["memtrain"]["config"]["loss"] == "msssim:reference"
+
+
+def test_step_estimate_accounts_for_the_chosen_loss():
+    """`plan`, `compare` and `--strategies auto` estimate through TrainStep: the loss named in the config is the one measured."""
+    from memtrain.memory.estimate import measure_step
+
+    size = 512  # big enough for the loss to top the forward phase
+    ours, ref = (measure_step("none", size=size, encoder="resnet18", loss=name, blocks=False, steps=1) for name in LOSSES)
+    # The reference's ~20x-image forward transient tops the forward phase; memtrain's does not.
+    assert ref.peak("forward") - ours.peak("forward") > 8 * size * size * 4
