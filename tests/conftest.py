@@ -13,8 +13,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Keep CPU tests predictable on the 2-core CI machine.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Torch's intra-op threads follow OMP_NUM_THREADS (the README's command sets it: 1 per xdist worker);
+# without it, at most 2, as on the 2-core CI machine.
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
 
 def cli_env(**extra: str) -> dict[str, str]:

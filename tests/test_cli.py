@@ -60,8 +60,8 @@ def test_fit_writes_the_whole_run_directory(tmp_path):
 @pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped(tmp_path):
     out = tmp_path / "run"
-    # Epochs long enough (12 steps) to kill the run between two of them.
-    args = [sys.executable, "-m", "memtrain", "fit", *TINY, "--epochs", "3", "--train-images", "24", "--out", str(out)]
+    # Epochs long enough (6 steps) to kill the run between two of them.
+    args = [sys.executable, "-m", "memtrain", "fit", *TINY, "--epochs", "3", "--train-images", "12", "--out", str(out)]
     proc = subprocess.Popen(args, cwd=ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     metrics = out / "metrics.csv"
     deadline = time.time() + 300
@@ -81,9 +81,9 @@ def test_killed_run_resumes_where_it_stopped(tmp_path):
     rows = _rows(metrics)
     assert [r["epoch"] for r in rows] == ["0", "1", "2"]
     steps = [int(r["step"]) for r in rows]
-    assert steps == [12, 24, 36]  # the optimizer step count continues, nothing is repeated
+    assert steps == [6, 12, 18]  # the optimizer step count continues, nothing is repeated
     mem_steps = sorted(int(r["step"]) for r in _rows(out / "memory.csv") if r["phase"] == "forward")
-    assert mem_steps == list(range(36))
+    assert mem_steps == list(range(18))
 
 
 @pytest.mark.slow

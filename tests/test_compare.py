@@ -25,7 +25,7 @@ def _csv(path):
 @pytest.mark.slow
 def test_compare_writes_tables_and_a_rejected_combination_does_not_stop_it(tmp_path):
     out = tmp_path / "cmp"
-    proc = run_cli("compare", "--strategies", "none;none,amp;ddp;amp", "--sizes", "128", *SMALL, "--out", str(out))
+    proc = run_cli("compare", "--strategies", "none;none,amp;ddp;amp", "--sizes", "64", *SMALL, "--out", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = {r["strategies"]: r for r in _csv(out / "compare.csv")}
     assert list(rows) == ["none", "none,amp", "ddp", "amp"]
@@ -43,13 +43,13 @@ def test_compare_writes_tables_and_a_rejected_combination_does_not_stop_it(tmp_p
     assert [r["strategies"] for r in doc["rows"]] == ["none", "none,amp", "ddp", "amp"]
     assert doc["cells"][3]["plan"] == "amp:bf16" and doc["cells"][3]["blocks"]["decoder.blocks.4"] > 0
     md = (out / "compare.md").read_text()
-    for text in ("| device | CPU", "| torch | ", "segmentation-models-pytorch", "| CPU | ", "memory backend of the peaks | tensor", "| amp | 128 | ok |"):
+    for text in ("| device | CPU", "| torch | ", "segmentation-models-pytorch", "| CPU | ", "memory backend of the peaks | tensor", "| amp | 64 | ok |"):
         assert text in md, text
     with Image.open(out / "compare.png") as im:
         assert im.size[0] > 500 and im.size[1] > 300
     # An existing comparison is never overwritten.
     before = (out / "compare.csv").read_text()
-    assert main(["compare", "--strategies", "none", "--sizes", "128", "--out", str(out)]) == 2
+    assert main(["compare", "--strategies", "none", "--sizes", "64", "--out", str(out)]) == 2
     assert (out / "compare.csv").read_text() == before
 
 
