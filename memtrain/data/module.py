@@ -9,8 +9,45 @@ from torch.utils.data import DataLoader, Dataset
 
 from memtrain.config import DataConfig
 from memtrain.data.datasets import FolderDataset, PhantomDataset, check_readable, pair_targets, scan_folder, split
+from memtrain.errors import ConfigError
 
 PHANTOM = "phantom"
+#: Peak host bytes per pixel of generating one phantom pair (radiograph + CLAHE target): tracemalloc
+#: peak of ``PhantomDataset(...)[0]`` is 109 B/px at 256, 512 and 1024 px.
+PHANTOM_BYTES_PER_PIXEL = 110
+
+
+def host_memory_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_host_memory(cfg: DataConfig, pin_memory: bool = False, available: int | None = None) -> None:
+    """Reject a phantom --size whose generation alone cannot fit in the host memory available now.
+
+    Each loading process (the training process, or each worker) generates one phantom at a
+    time, needing ``PHANTOM_BYTES_PER_PIXEL × size²``. Whether the training step fits is
+    the planner's question (``memtrain plan``); this check only catches a size that could
+    never even produce its data, before anything is written.
+    """
+    from memtrain.memory.units import fmt_bytes
+
+    if cfg.source.lower() != PHANTOM:
+        return
+    available = host_memory_available() if available is None else available
+    need = PHANTOM_BYTES_PER_PIXEL * cfg.size * cfg.size * max(1, loader_workers(cfg, pin_memory))
+    if available is not None and need > available:
+        raise ConfigError(
+            f"--size {cfg.size}: generating {cfg.size}x{cfg.size} phantom radiographs needs about {fmt_bytes(need)} of host memory,"
+            f" more than the {fmt_bytes(available)} available; choose a smaller --size (see `memtrain plan --size N` for what training at a size needs)"
+        )
 
 
 def build_datasets(cfg: DataConfig) -> tuple[Dataset, Dataset]:

@@ -44,15 +44,19 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
     one Lightning process by default, or the processes of a placement strategy (rpc,
     pipeline, ddp) launched with torchrun.
     """
+    from memtrain.data.module import check_host_memory
+    from memtrain.loss import window_for
     from memtrain.strategies import Environment, Plan
 
     cfg.validate()
+    window_for(cfg.data.size)  # too small for the loss: say so before Lightning prints anything
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
     if cfg.train.accelerator == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--accelerator cuda: no CUDA device is available (use 'auto' or 'cpu')")
     env = Environment.detect(cfg.train.accelerator)
+    check_host_memory(cfg.data, pin_memory=env.device == "cuda")
     if cfg.strategies == [AUTO]:
         cfg.strategies = choose_strategies(cfg, env)
     plan = Plan.resolve(cfg.strategies, env)
@@ -128,7 +132,7 @@ class LightningRunner:
             max_epochs=cfg.train.epochs,
             max_steps=cfg.train.max_steps,
             check_val_every_n_epoch=cfg.train.val_every,
-            limit_val_batches=cfg.train.limit_val_batches if cfg.train.limit_val_batches > 0 else None,
+            limit_val_batches=cfg.train.limit_val_batches if cfg.train.limit_val_batches >= 0 else None,  # 0: no validation
             num_sanity_val_steps=0,
             logger=False,
             callbacks=callbacks,
