@@ -106,7 +106,7 @@ def reference(run_dir: Path, *, microbatches: int = 1, strategies: str = "none")
     """Single-process training of the run's configuration on the run's batches, in this process."""
     from memtrain.data.module import build_datasets
     from memtrain.distributed.launch import seed_all
-    from memtrain.distributed.master import epoch_order
+    from memtrain.data.module import epoch_order
     from memtrain.distributed.shard import autocast_of
     from memtrain.loop.optim import build_optimizer
     from memtrain.loss import MSSSIMLoss

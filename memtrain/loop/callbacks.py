@@ -64,44 +64,121 @@ class MetricsFile:
 class MetricsCSV(L.Callback):
     """One row per epoch in ``metrics.csv``: losses, image metrics (model and identity), lr, seconds.
 
-    The file is rewritten atomically after every epoch. On resume, rows of epochs that
-    the checkpoint does not cover are dropped and then written again.
+    The row of an epoch is written as soon as it is complete — at the end of its
+    validation, or at the end of its training when it has none — and before Lightning
+    writes that point's checkpoint (checkpoint callbacks run last). The rows, the running
+    training-loss sum of the current epoch and its elapsed seconds are also part of every
+    checkpoint (:meth:`state_dict`), so a run resumed from any checkpoint, even one written
+    mid-epoch, continues with exactly the rows and sums the checkpoint covers.
+
+    ``lr`` is the learning rate the epoch trained with; ``train_loss`` the mean of its
+    training losses weighted by batch size; ``epoch_seconds`` its training and validation
+    time, summed over the processes that ran it.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.file = MetricsFile(path)
-        self._t0 = 0.0
-        self._validated_epoch = -1
+        self._t0 = time.perf_counter()
+        self._before = 0.0  # seconds of this epoch spent before a resume
+        self._loss_sum = 0.0
+        self._seen = 0
+        self._lr: float | None = None
+        self._written_epoch = -1
+        self._restored = False
 
     @property
     def path(self) -> Path:
         return self.file.path
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.file.resume(trainer.current_epoch)
+    # -- checkpointed state ------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "rows": [dict(r) for r in self.file.rows],
+            "elapsed": self._before + time.perf_counter() - self._t0,
+            "loss_sum": self._loss_sum,
+            "seen": self._seen,
+            "lr": self._lr,
+            "written_epoch": self._written_epoch,
+        }
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        self.file.rows = [dict(r) for r in state.get("rows", [])]
+        self._before = float(state.get("elapsed", 0.0))
+        self._loss_sum, self._seen = float(state.get("loss_sum", 0.0)), int(state.get("seen", 0))
+        self._lr = state.get("lr")
+        self._written_epoch = int(state.get("written_epoch", -1))
+        self._restored = True
+
+    # -- hooks -------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A resumed run continues the checkpoint's rows (and rewrites the file with them);
+        # a fresh one starts empty. on_train_epoch_start is not called when resuming mid-epoch.
+        if not self._restored:
+            self.file.rows = []
         self._t0 = time.perf_counter()
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._validated_epoch = trainer.current_epoch
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0, self._before = time.perf_counter(), 0.0
+        self._loss_sum, self._seen, self._lr = 0.0, 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.optimizers:
+            self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            n = int(batch[0].shape[0])
+            self._loss_sum += float(loss.detach()) * n
+            self._seen += n
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._write_row(trainer, ran_val=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # Runs after the epoch's validation, so val_* of this epoch are in callback_metrics.
+        if self._written_epoch != trainer.current_epoch:
+            self._write_row(trainer, ran_val=False)
+
+    def _write_row(self, trainer, *, ran_val: bool) -> None:
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        ran_val = self._validated_epoch == trainer.current_epoch
         row = {
             "epoch": str(trainer.current_epoch),
             "step": str(trainer.global_step),
-            "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.6g}" if trainer.optimizers else "",
-            "train_loss": format_metric(m.get("train_loss_epoch")),
-            "epoch_seconds": f"{time.perf_counter() - self._t0:.2f}",
+            "lr": "" if self._lr is None else f"{self._lr:.6g}",
+            "train_loss": format_metric(self._loss_sum / self._seen if self._seen else None),
+            "epoch_seconds": f"{self._before + time.perf_counter() - self._t0:.2f}",
         }
         for col in METRIC_COLUMNS:
             if col.startswith(("val_", "identity_")):
                 row[col] = format_metric(m.get(col)) if ran_val else ""
+        self.file.rows = [r for r in self.file.rows if int(r["epoch"]) < trainer.current_epoch]
         self.file.add(row, write=trainer.is_global_zero)  # data parallel: one writer
+        self._written_epoch = trainer.current_epoch
+
+
+class StopCheckpoint(L.Callback):
+    """``last.ckpt`` where Lightning's ModelCheckpoint would not write one.
+
+    * at the end of training, whatever stopped it (``--max-steps``, or the last epoch; a run
+      ending before its first validation has no other checkpoint): the final state;
+    * the process receives SIGTERM (a scheduler preempting the job): Lightning stops after
+      the current batch; the state at that point is written, so ``--resume`` continues
+      from it, and the run then exits non-zero.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
 
 
 class SampleImages(L.Callback):
