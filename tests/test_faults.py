@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import os
 from pathlib import Path
 
 import pytest
@@ -96,3 +97,139 @@ def test_compare_refuses_a_folder_holding_a_csv_without_json(tmp_path):
     (out / "compare.csv").write_text("kept\n")
     assert_one_line(cli("compare", "--strategies", "none", "--sizes", "64", "--out", out), "--out", "compare.csv", "already holds a comparison")
     assert (out / "compare.csv").read_text() == "kept\n"
+
+
+# --------------------------------------------------------------------------- hostile checkpoints
+
+
+class _Payload:
+    """Unpickling this would create the marker file: the test fails if any loader runs it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def _bad_checkpoint(kind: str, good: Path, folder: Path) -> Path:
+    import torch
+
+    path = folder / f"{kind}.ckpt"
+    folder.mkdir(parents=True, exist_ok=True)
+    if kind == "truncated":
+        data = good.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+    elif kind == "text":
+        path.write_text("epoch: 3\nthis is not a checkpoint\n")
+    elif kind == "malicious":
+        torch.save({"state_dict": {}, "memtrain": {"config": {}}, "payload": _Payload(folder / "PWNED")}, path)
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "foreign":
+        # A real memtrain checkpoint whose weights belong to another architecture than its configuration builds.
+        ckpt = torch.load(good, map_location="cpu", weights_only=True)
+        ckpt["memtrain"]["config"]["model"]["encoder"] = "resnet34"
+        torch.save(ckpt, path)
+    return path
+
+
+BAD_CHECKPOINTS = {
+    "truncated": ["not a readable PyTorch checkpoint", "truncated or corrupt"],
+    "text": ["not a PyTorch checkpoint"],
+    "malicious": ["refused", "would run pickled code"],
+    "empty": ["not a readable PyTorch checkpoint"],
+    "foreign": ["weights do not match"],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BAD_CHECKPOINTS))
+def test_enhance_and_export_refuse_a_bad_checkpoint_in_one_line(tmp_path, trained_checkpoint, image_folder, kind):
+    ckpt = _bad_checkpoint(kind, trained_checkpoint, tmp_path / "ckpts")
+    images = image_folder(n=1, size=64)
+    for argv in (
+        ["enhance", ckpt, images, "--out", tmp_path / "enhanced"],
+        ["export", ckpt, "--format", "torchscript", "--size", "64", "--out", tmp_path / "exported"],
+    ):
+        assert_one_line_allowing_progress(cli(*argv), str(ckpt), *BAD_CHECKPOINTS[kind])
+    assert not (tmp_path / "enhanced").exists() and not (tmp_path / "exported").exists()
+    assert not (tmp_path / "ckpts" / "PWNED").exists()
+
+
+def assert_one_line_allowing_progress(result: tuple[int, str, str], *fragments: str) -> str:
+    """As assert_one_line, for commands that may print what they are about to do before reading the checkpoint."""
+    code, _progress, err = result
+    return assert_one_line((code, "", err), *fragments)
+
+
+def _run_copy(trained_checkpoint: Path, root: Path, last: Path | None) -> Path:
+    """A run folder like a stopped one: the trained run's config.yaml and best.ckpt, ``last`` as its last.ckpt."""
+    import shutil
+
+    src = trained_checkpoint.parent.parent
+    run = root / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    shutil.copy(src / "config.yaml", run / "config.yaml")
+    shutil.copy(trained_checkpoint, run / "checkpoints" / "best.ckpt")
+    if last is not None:
+        shutil.copy(last, run / "checkpoints" / "last.ckpt")
+    return run
+
+
+@pytest.mark.parametrize("kind", ["truncated", "text", "malicious"])
+def test_resume_from_a_corrupt_last_ckpt_names_an_older_valid_one_and_changes_nothing(tmp_path, trained_checkpoint, kind):
+    run = _run_copy(trained_checkpoint, tmp_path, _bad_checkpoint(kind, trained_checkpoint, tmp_path / "bad"))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    line = assert_one_line(cli("fit", "--resume", run, "--epochs", "3"), f"--resume {run}", "last.ckpt is corrupt", "older valid checkpoint", "best.ckpt")
+    assert "PWNED" not in line
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before  # config.yaml not rewritten
+    assert not (tmp_path / "bad" / "PWNED").exists()
+
+
+def test_resume_from_another_architecture_is_refused_before_config_is_rewritten(tmp_path, trained_checkpoint):
+    run = _run_copy(trained_checkpoint, tmp_path, trained_checkpoint)
+    config = run / "config.yaml"
+    config.write_text(config.read_text().replace("encoder: resnet18", "encoder: resnet34"))
+    before = config.read_bytes()
+    assert_one_line(cli("fit", "--resume", run), "last.ckpt", "another architecture", "missing")
+    assert config.read_bytes() == before
+
+
+def test_resume_without_any_checkpoint_says_how_to_start_again(tmp_path, trained_checkpoint):
+    run = _run_copy(trained_checkpoint, tmp_path, None)
+    (run / "checkpoints" / "best.ckpt").unlink()
+    assert_one_line(cli("fit", "--resume", run), "no checkpoints/last.ckpt", "--config")
+    assert_one_line(cli("fit", *TINY, "--out", run), "stopped before its first checkpoint", f"remove {run}")
+
+
+# --------------------------------------------------------------------------- unwritable outputs
+
+
+def _unwritable(tmp_path: Path, how: str) -> Path:
+    if how == "file in the way":
+        (tmp_path / "afile").write_text("x")
+        return tmp_path / "afile" / "out"
+    return Path("/sys/memtrain-test-out")  # read-only for root too (chmod 555 is not, when tests run as root)
+
+
+@pytest.mark.parametrize("how", ["file in the way", "read-only place"])
+def test_unwritable_out_is_one_line_for_fit_enhance_export(tmp_path, trained_checkpoint, image_folder, how):
+    out = _unwritable(tmp_path, how)
+    images = image_folder(n=1, size=64)
+    assert_one_line(cli("fit", *TINY, "--out", out), f"--out {out}")
+    assert_one_line(cli("enhance", trained_checkpoint, images, "--out", out), f"--out {out}")
+    assert_one_line_allowing_progress(cli("export", trained_checkpoint, "--format", "torchscript", "--size", "64", "--out", out), f"--out {out}")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("umask", "mode"), [(0o022, 0o644), (0o027, 0o640)])
+def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
+    from memtrain.rundir import atomic_write_text
+
+    old = os.umask(umask)
+    try:
+        atomic_write_text(tmp_path / "f.txt", "x")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "f.txt").stat().st_mode & 0o777 == mode
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary file left
