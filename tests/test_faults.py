@@ -233,3 +233,46 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mode):
         os.umask(old)
     assert (tmp_path / "f.txt").stat().st_mode & 0o777 == mode
     assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]  # no temporary file left
+
+
+# --------------------------------------------------------------------------- run contracts
+
+QUIET = ["--samples", "0", "--no-memory"]
+
+
+def _final_line(stdout: str) -> str:
+    return [ln for ln in stdout.splitlines() if ln.startswith("memtrain: outputs in")][-1]
+
+
+def test_max_steps_before_the_first_validation_writes_last_ckpt_and_lists_only_what_exists(tmp_path):
+    import torch
+
+    out = tmp_path / "run"
+    code, stdout, err = cli("fit", *TINY, "--max-steps", "1", "--samples", "2", "--out", out)
+    assert code == 0, err
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["global_step"] == 1
+    assert not (out / "checkpoints" / "best.ckpt").exists() and not (out / "samples").exists()
+    assert _final_line(stdout).endswith("config.yaml, metrics.csv, memory.csv, memory_blocks.csv, checkpoints/")
+
+
+def test_extending_a_finished_cosine_run_continues_the_new_schedule_and_lr_column_is_the_trained_lr(tmp_path):
+    """--limit-val-batches 0 runs no validation; --resume --epochs 2 trains epoch 1 at the cosine lr of a 2-epoch schedule."""
+    import torch
+
+    out = tmp_path / "run"
+    code, stdout, err = cli("fit", *TINY, *QUIET, "--scheduler", "cosine", "--epochs", "1", "--limit-val-batches", "0", "--out", out)
+    assert code == 0, err
+    assert not (out / "checkpoints" / "best.ckpt").exists()  # no validation, so no best
+    first = rows(out / "metrics.csv")
+    assert [r["val_loss"] for r in first] == [""] and first[0]["lr"] == "0.001"
+    before = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+    code, stdout, err = cli("fit", "--resume", out, "--epochs", "2")
+    assert code == 0, err
+    assert "cosine schedule continues over 2 epochs" in stdout
+    metrics = rows(out / "metrics.csv")
+    assert [(r["epoch"], r["step"], r["lr"]) for r in metrics] == [("0", "2", "0.001"), ("1", "4", "0.0005")]
+    after = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    conv = "model.decoder.blocks.0.conv1.0.weight"
+    assert not torch.equal(before[conv], after[conv])  # the extra epoch trained (the old schedule had lr 0 there)
