@@ -134,6 +134,14 @@ def new_run_dir(out: str | None) -> Path:
     return path
 
 
+def remove_stale_temp_files(run_dir: Path) -> list[Path]:
+    """Delete the temporary files of writes that a killed process left behind (``.NAME.*.tmp``, never read)."""
+    stale = [p for p in Path(run_dir).rglob(".*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
+
+
 def discard_failed_start(run_dir: Path, created: bool) -> None:
     """Remove what a fresh run wrote when it failed before its first checkpoint, so its --out can be used again.
 

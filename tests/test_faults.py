@@ -13,10 +13,15 @@ import contextlib
 import csv
 import io
 import os
+import random
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, cli_env
 
 from memtrain.cli import main
 
@@ -276,3 +281,88 @@ def test_extending_a_finished_cosine_run_continues_the_new_schedule_and_lr_colum
     after = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     conv = "model.decoder.blocks.0.conv1.0.weight"
     assert not torch.equal(before[conv], after[conv])  # the extra epoch trained (the old schedule had lr 0 there)
+
+
+# --------------------------------------------------------------------------- kill -9, SIGTERM, exact resume
+
+
+def _wait(proc, until, timeout: float = 240.0) -> bool:
+    """Poll ``until()`` every 5 ms; False when the process ended first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if until():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.005)
+    raise AssertionError("timed out waiting for the run")
+
+
+def test_kill_9_during_checkpoint_writes_and_at_random_moments_then_sigterm_resumes_exactly(tmp_path):
+    """Interrupted three times (kill -9 mid-write of last.ckpt, kill -9 at a seeded random moment, SIGTERM), with
+    TMPDIR on another filesystem, and resumed each time: the same metrics rows and global step as an uninterrupted run.
+
+    Checkpoints every step, so every resume but the last is mid-epoch: the resumed epoch must continue the same data order.
+    """
+    import torch
+
+    if not Path("/dev/shm").is_dir() or os.stat("/dev/shm").st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's tmp_path")
+    args = [*TINY, *QUIET, "--epochs", "3", "--scheduler", "cosine", "--checkpoint-every-steps", "1"]
+    ref = tmp_path / "ref"
+    code, _, err = cli("fit", *args, "--out", ref)
+    assert code == 0, err
+    expected = rows(ref / "metrics.csv")
+
+    run = tmp_path / "run"
+    ckpt_dir = run / "checkpoints"
+    last = ckpt_dir / "last.ckpt"
+    rng = random.Random(13)
+    started = time.monotonic()
+    kills = 0
+    for how in ("kill during write", "kill at random", "sigterm"):
+        argv = ["fit", *args, "--out", str(run)] if not last.exists() else ["fit", "--resume", str(run)]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "memtrain", *argv],
+            cwd=ROOT,
+            env=cli_env(TMPDIR="/dev/shm"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            step0 = os.stat(last).st_mtime_ns if last.exists() else None
+            # Every interruption comes after a new checkpoint exists, so each one loses work.
+            alive = _wait(proc, lambda step0=step0: last.exists() and os.stat(last).st_mtime_ns != step0)
+            if alive and how == "kill during write":
+                alive = _wait(proc, lambda: any(ckpt_dir.glob(".last.ckpt.*.tmp")))
+            elif alive and how == "kill at random":
+                time.sleep(rng.uniform(0.0, 1.5))
+                alive = proc.poll() is None
+            if alive:
+                proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGKILL)
+                kills += 1
+            _, err = proc.communicate(timeout=240)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        if alive and how == "sigterm":
+            assert proc.returncode == 143, err[-3000:]
+            assert err.strip().splitlines()[-1].startswith("memtrain: error: stopped by SIGTERM at step"), err[-2000:]
+        # Never a corrupt checkpoint, whatever the moment of the kill.
+        torch.load(last, map_location="cpu", weights_only=True)
+    assert kills >= 2, "the run finished before it could be interrupted"
+
+    code, _, err = cli("fit", "--resume", run)
+    assert code == 0, err
+    assert not list(run.rglob(".*.tmp"))  # temporary files of killed writes are cleared on resume
+    got = rows(run / "metrics.csv")
+    assert [r["epoch"] for r in got] == [r["epoch"] for r in expected] == ["0", "1", "2"]
+    assert [r["step"] for r in got] == [r["step"] for r in expected]
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == int(expected[-1]["step"])
+    for g, e in zip(got, expected):
+        assert g["lr"] == e["lr"]
+        for col in ("train_loss", "val_loss", "val_msssim", "val_psnr"):
+            assert float(g[col]) == pytest.approx(float(e[col]), rel=1e-4, abs=1e-5), (g["epoch"], col)
+        assert 0.0 < float(g["epoch_seconds"]) < time.monotonic() - started

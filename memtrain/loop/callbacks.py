@@ -52,8 +52,10 @@ class MetricsFile:
 
     def add(self, row: dict[str, str], *, write: bool = True) -> None:
         self.rows.append(row)
-        if not write:
-            return
+        if write:
+            self.write()
+
+    def write(self) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
@@ -115,6 +117,8 @@ class MetricsCSV(L.Callback):
         # a fresh one starts empty. on_train_epoch_start is not called when resuming mid-epoch.
         if not self._restored:
             self.file.rows = []
+        elif trainer.is_global_zero:
+            self.file.write()  # drop rows of epochs the checkpoint does not cover
         self._t0 = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -157,28 +161,43 @@ class MetricsCSV(L.Callback):
         self._written_epoch = trainer.current_epoch
 
 
-class StopCheckpoint(L.Callback):
-    """``last.ckpt`` where Lightning's ModelCheckpoint would not write one.
+class LastCheckpoint(L.Callback):
+    """``last.ckpt``: the state to resume from, written (atomically, see :mod:`memtrain.loop.checkpoint_io`)
 
+    * at the end of every epoch, after its validation and its ``metrics.csv`` row;
+    * every ``every_n_steps`` optimizer steps when set, except on an epoch's last batch:
+      there the epoch-end checkpoint follows (a checkpoint between the last batch and the
+      validation would resume past a validation that never ran);
     * at the end of training, whatever stopped it (``--max-steps``, or the last epoch; a run
-      ending before its first validation has no other checkpoint): the final state;
-    * the process receives SIGTERM (a scheduler preempting the job): Lightning stops after
-      the current batch; the state at that point is written, so ``--resume`` continues
-      from it, and the run then exits non-zero.
+      ending before its first validation has no other checkpoint);
+    * when the process receives SIGTERM (a scheduler preempting the job): Lightning stops
+      after the current batch and this state is written, so ``--resume`` continues from
+      it; the run then exits non-zero.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, every_n_steps: int = 0) -> None:
         self.path = Path(path)
+        self.every_n_steps = every_n_steps
 
-    def on_train_end(self, trainer, pl_module) -> None:
+    def _save(self, trainer) -> None:
         if trainer.global_step > 0:
             trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        if isinstance(exception, SIGTERMException) and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer)
 
 
 class SampleImages(L.Callback):

@@ -14,7 +14,7 @@ import torch
 
 from memtrain.config import AUTO, FitConfig, dump_yaml, to_dict
 from memtrain.errors import CheckpointError, ConfigError, Interrupted, StrategyError
-from memtrain.rundir import CONFIG_NAME, atomic_write_text, check_new_run_dir, check_writable, discard_failed_start, new_run_dir
+from memtrain.rundir import CONFIG_NAME, atomic_write_text, check_new_run_dir, check_writable, discard_failed_start, new_run_dir, remove_stale_temp_files
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -125,6 +125,7 @@ def open_run_dir(cfg: FitConfig, resume: Path | None) -> Path:
         cfg.run.out = str(run_dir)
     else:
         run_dir = resume
+        remove_stale_temp_files(run_dir)
     atomic_write_text(run_dir / CONFIG_NAME, dump_yaml(cfg))
     return run_dir
 
@@ -163,7 +164,7 @@ class LightningRunner:
         from lightning.pytorch.callbacks import ModelCheckpoint
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        from memtrain.loop.callbacks import MetricsCSV, SampleImages, StopCheckpoint
+        from memtrain.loop.callbacks import LastCheckpoint, MetricsCSV, SampleImages
         from memtrain.loop.checkpoint_io import AtomicCheckpointIO
         from memtrain.loop.module import EnhancementModule
         from memtrain.memory.cuda import allocator_snapshot
@@ -176,17 +177,9 @@ class LightningRunner:
         ckpt_dir = run_dir / CHECKPOINT_DIR
         callbacks = [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False),
-            # "last": one file, overwritten at every epoch end (or every N steps).
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                filename="last",
-                monitor=None,
-                save_top_k=1,
-                every_n_train_steps=cfg.train.checkpoint_every_steps or None,
-                enable_version_counter=False,
-            ),
             MetricsCSV(run_dir / "metrics.csv"),
-            StopCheckpoint(ckpt_dir / LAST),
+            # "last": one file, overwritten at every epoch end (and every N steps), at the end and on SIGTERM; after MetricsCSV.
+            LastCheckpoint(ckpt_dir / LAST, every_n_steps=cfg.train.checkpoint_every_steps),
         ]
         if cfg.run.samples > 0:
             callbacks.append(SampleImages(run_dir / "samples"))
