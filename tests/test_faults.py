@@ -366,3 +366,24 @@ def test_kill_9_during_checkpoint_writes_and_at_random_moments_then_sigterm_resu
         for col in ("train_loss", "val_loss", "val_msssim", "val_psnr"):
             assert float(g[col]) == pytest.approx(float(e[col]), rel=1e-4, abs=1e-5), (g["epoch"], col)
         assert 0.0 < float(g["epoch_seconds"]) < time.monotonic() - started
+
+
+@pytest.mark.parametrize("existed", [False, True])
+def test_a_start_that_fails_before_its_first_checkpoint_leaves_no_dead_end_folder(tmp_path, monkeypatch, existed):
+    """A fault in the first training step (injected) must not leave a folder holding only config.yaml."""
+    from memtrain.loop.module import EnhancementModule
+
+    def broken_step(self, batch, batch_idx):
+        raise RuntimeError("injected fault in the first step")
+
+    monkeypatch.setattr(EnhancementModule, "training_step", broken_step)
+    out = tmp_path / "run"
+    if existed:
+        out.mkdir()
+        (out / "notes.txt").write_text("the user's own file\n")
+    with pytest.raises(RuntimeError, match="injected fault"):
+        cli("fit", *TINY, *QUIET, "--out", out)
+    if existed:
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    else:
+        assert not out.exists()
