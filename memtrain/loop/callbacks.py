@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 from memtrain.rundir import atomic_write_bytes, atomic_write_text
 
@@ -161,8 +162,11 @@ class MetricsCSV(L.Callback):
         self._written_epoch = trainer.current_epoch
 
 
-class LastCheckpoint(L.Callback):
-    """``last.ckpt``: the state to resume from, written (atomically, see :mod:`memtrain.loop.checkpoint_io`)
+class LastCheckpoint(Checkpoint):
+    """``last.ckpt``, the state to resume from, written atomically (see :mod:`memtrain.loop.checkpoint_io`).
+
+    Lightning runs ``Checkpoint`` callbacks last, so every other output of that moment
+    (metrics row, memory rows) is on disk before the checkpoint. It is written:
 
     * at the end of every epoch, after its validation and its ``metrics.csv`` row;
     * every ``every_n_steps`` optimizer steps when set, except on an epoch's last batch:

@@ -178,7 +178,7 @@ class LightningRunner:
         callbacks = [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False),
             MetricsCSV(run_dir / "metrics.csv"),
-            # "last": one file, overwritten at every epoch end (and every N steps), at the end and on SIGTERM; after MetricsCSV.
+            # "last": one file, overwritten at every epoch end (and every N steps), at the end and on SIGTERM.
             LastCheckpoint(ckpt_dir / LAST, every_n_steps=cfg.train.checkpoint_every_steps),
         ]
         if cfg.run.samples > 0:
