@@ -86,7 +86,7 @@ class MetricsCSV(L.Callback):
         self._loss_sum = 0.0
         self._seen = 0
         self._lr: float | None = None
-        self._written_epoch = -1
+        self._written: tuple[int, int] = (-1, -1)  # (epoch, step) of the last row written
         self._restored = False
 
     @property
@@ -101,7 +101,7 @@ class MetricsCSV(L.Callback):
             "loss_sum": self._loss_sum,
             "seen": self._seen,
             "lr": self._lr,
-            "written_epoch": self._written_epoch,
+            "written": list(self._written),
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -109,7 +109,7 @@ class MetricsCSV(L.Callback):
         self._before = float(state.get("elapsed", 0.0))
         self._loss_sum, self._seen = float(state.get("loss_sum", 0.0)), int(state.get("seen", 0))
         self._lr = state.get("lr")
-        self._written_epoch = int(state.get("written_epoch", -1))
+        self._written = tuple(state.get("written", (-1, -1)))
         self._restored = True
 
     # -- hooks -------------------------------------------------------------------------
@@ -142,7 +142,8 @@ class MetricsCSV(L.Callback):
             self._write_row(trainer, ran_val=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        if self._written_epoch != trainer.current_epoch:
+        # Not again after this epoch's validation wrote it; again for an epoch that a resume (after --max-steps) completed.
+        if self._written != (trainer.current_epoch, trainer.global_step):
             self._write_row(trainer, ran_val=False)
 
     def _write_row(self, trainer, *, ran_val: bool) -> None:
@@ -159,7 +160,7 @@ class MetricsCSV(L.Callback):
                 row[col] = format_metric(m.get(col)) if ran_val else ""
         self.file.rows = [r for r in self.file.rows if int(r["epoch"]) < trainer.current_epoch]
         self.file.add(row, write=trainer.is_global_zero)  # data parallel: one writer
-        self._written_epoch = trainer.current_epoch
+        self._written = (trainer.current_epoch, trainer.global_step)
 
 
 class LastCheckpoint(Checkpoint):
