@@ -127,7 +127,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? {e.__class__.__name__}: {first})") from None
     except Exception as e:  # any other decoding failure of foreign bytes (a text file gives KeyError) is the file's fault
         raise CheckpointError(
-            f"{path}: not a PyTorch checkpoint (a text file, or another format? {e.__class__.__name__} while decoding); expected a .ckpt written by `memtrain fit`"
+            f"{path}: not a readable PyTorch checkpoint (a text file or another format? {e.__class__.__name__} while decoding); expected a .ckpt written by `memtrain fit`"
         ) from None
     if not isinstance(ckpt, dict) or SECTION not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a memtrain checkpoint (no '{SECTION}' section and state_dict; expected a .ckpt written by `memtrain fit`)")

@@ -141,7 +141,7 @@ def _bad_checkpoint(kind: str, good: Path, folder: Path) -> Path:
 
 BAD_CHECKPOINTS = {
     "truncated": ["not a readable PyTorch checkpoint", "truncated or corrupt"],
-    "text": ["not a PyTorch checkpoint"],
+    "text": ["not a readable PyTorch checkpoint", "a text file"],
     "malicious": ["refused", "would run pickled code"],
     "empty": ["not a readable PyTorch checkpoint"],
     "foreign": ["weights do not match"],
