@@ -32,9 +32,28 @@ LOSS_NAMES = ("msssim", "msssim:reference")
 AUTO = "auto"
 
 
-def opt(default: Any = MISSING, *, help: str, flag: str | None = None, choices=None, factory=None):
-    """A config field: its default, its one-line doc and (optionally) its flag name and choices."""
-    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None}
+def opt(
+    default: Any = MISSING,
+    *,
+    help: str,
+    flag: str | None = None,
+    choices=None,
+    factory=None,
+    min: float | None = None,
+    above: float | None = None,
+    max: float | None = None,
+    below: float | None = None,
+    special: tuple = (),
+):
+    """A config field: its default, its one-line doc and (optionally) its flag name, choices and range.
+
+    Numbers are checked when the config is resolved (:meth:`FitConfig.validate`), before
+    anything is written: ``min``/``max`` are inclusive bounds, ``above``/``below`` exclusive
+    ones, a float must be finite, and the values in ``special`` (e.g. -1 for "no limit")
+    are accepted as well.
+    """
+    bounds = {"min": min, "above": above, "max": max, "below": below, "special": tuple(special)}
+    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, **bounds}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -52,12 +71,15 @@ class DataConfig:
         choices=("resize", "crop"),
         help="how images reach --size: 'resize' keeps the aspect ratio and pads, 'crop' takes a random (validation: centred) crop",
     )
-    train_images: int = opt(48, help="phantom: number of training images (the paper used 48)")
-    val_images: int = opt(12, help="phantom: number of validation images (the paper used 12)")
-    val_fraction: float = opt(0.2, help="folder data: fraction of images held out for validation, chosen deterministically from file names and --data-seed")
-    data_seed: int = opt(0, help="seed of the phantom generator and of the train/validation split (independent of --seed)")
+    train_images: int = opt(48, min=1, help="phantom: number of training images (the paper used 48)")
+    val_images: int = opt(12, min=1, help="phantom: number of validation images (the paper used 12)")
+    val_fraction: float = opt(
+        0.2, above=0.0, below=1.0, help="folder data: fraction of images held out for validation, chosen deterministically from file names and --data-seed"
+    )
+    data_seed: int = opt(0, min=0, max=2**63 - 1, help="seed of the phantom generator and of the train/validation split (independent of --seed)")
     workers: int = opt(
         -1,
+        min=-1,
         help="data-loading worker processes; 0 loads in the training process, -1 picks: up to 4 on CUDA, 0 on CPU (where workers compete with training for cores)",
     )
 
@@ -78,20 +100,20 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation and the Lightning loop."""
 
-    epochs: int = opt(50, help="number of epochs (the paper trained 50)")
-    max_steps: int = opt(-1, help="stop after this many optimizer steps (-1: no limit)")
-    batch_size: int = opt(2, help="images per optimizer step")
-    lr: float = opt(1e-3, help="Adam learning rate")
-    weight_decay: float = opt(0.0, help="Adam weight decay")
+    epochs: int = opt(50, min=1, help="number of epochs (the paper trained 50)")
+    max_steps: int = opt(-1, min=1, special=(-1,), help="stop after this many optimizer steps (-1: no limit)")
+    batch_size: int = opt(2, min=1, help="images per optimizer step")
+    lr: float = opt(1e-3, above=0.0, help="Adam learning rate")
+    weight_decay: float = opt(0.0, min=0.0, help="Adam weight decay")
     scheduler: str = opt("cosine", choices=("none", "cosine", "step"), help="learning-rate schedule, stepped once per epoch")
-    step_size: int = opt(10, help="'step' scheduler: epochs between decays")
-    gamma: float = opt(0.5, help="'step' scheduler: decay factor")
-    seed: int = opt(0, help="seed of model initialisation and data order")
+    step_size: int = opt(10, min=1, help="'step' scheduler: epochs between decays")
+    gamma: float = opt(0.5, above=0.0, help="'step' scheduler: decay factor")
+    seed: int = opt(0, min=0, max=2**32 - 1, help="seed of model initialisation and data order")
     deterministic: bool = opt(False, help="use deterministic algorithms only (slower; errors on ops that have none)")
     accelerator: str = opt("auto", choices=("auto", "cpu", "cuda"), help="device: 'auto' picks CUDA when present, else CPU")
-    val_every: int = opt(1, help="validate every N epochs")
-    limit_val_batches: int = opt(-1, help="validate on at most this many batches (-1: all)")
-    checkpoint_every_steps: int = opt(0, help="write last.ckpt every N training steps instead of at epoch ends (0: at epoch ends)")
+    val_every: int = opt(1, min=1, help="validate every N epochs")
+    limit_val_batches: int = opt(-1, min=0, special=(-1,), help="validate on at most this many batches (-1: all, 0: no validation)")
+    checkpoint_every_steps: int = opt(0, min=0, help="write last.ckpt every N training steps instead of at epoch ends (0: at epoch ends)")
 
 
 @dataclass(kw_only=True)
@@ -99,7 +121,7 @@ class MemoryConfig:
     """Per-phase memory tracking of every training step."""
 
     track: bool = opt(True, flag="--memory", help="record forward/backward/optimizer peak memory of every step into memory.csv")
-    warmup_steps: int = opt(1, help="steps left out of the end-of-run memory summary (allocator and optimizer-state warm-up)")
+    warmup_steps: int = opt(1, min=0, help="steps left out of the end-of-run memory summary (allocator and optimizer-state warm-up)")
     budget: str | None = opt(
         None,
         flag="--memory-budget",
@@ -116,15 +138,17 @@ class MemoryConfig:
 class DistConfig:
     """Multi-process strategies (rpc, pipeline, ddp), launched with torchrun; ignored by single-process runs."""
 
-    microbatches: int = opt(1, help="pipeline: microbatches each batch is split into (GPipe/1F1B); must divide --batch-size")
+    microbatches: int = opt(1, min=1, help="pipeline: microbatches each batch is split into (GPipe/1F1B); must divide --batch-size")
     pipeline_schedule: str = opt(
         "gpipe",
         choices=("gpipe", "1f1b"),
         help="pipeline: microbatch schedule, 'gpipe' (all forwards, then all backwards) or '1f1b' (interleaved, fewer live activations)",
     )
     rpc_transport: str = opt("auto", choices=("auto", "tcp", "shm"), help="rpc: TensorPipe transport; 'auto' is tcp (shm busy-polls a core per idle process)")
-    rpc_timeout: float = opt(600.0, help="rpc: seconds one remote call (a shard's forward, backward or optimizer step) may take before the run fails")
-    master_timeout: float = opt(30.0, help="seconds without a heartbeat from rank 0 after which the other ranks exit instead of hanging")
+    rpc_timeout: float = opt(
+        600.0, above=0.0, help="rpc: seconds one remote call (a shard's forward, backward or optimizer step) may take before the run fails"
+    )
+    master_timeout: float = opt(30.0, above=0.0, help="seconds without a heartbeat from rank 0 after which the other ranks exit instead of hanging")
 
 
 @dataclass(kw_only=True)
@@ -132,7 +156,7 @@ class RunConfig:
     """Outputs of the run."""
 
     out: str | None = opt(None, help="run directory (default: runs/<timestamp>)")
-    samples: int = opt(3, help="validation images drawn into samples/epoch_N.png (0: none)")
+    samples: int = opt(3, min=0, help="validation images drawn into samples/epoch_N.png (0: none)")
 
 
 @dataclass(kw_only=True)
@@ -157,32 +181,10 @@ class FitConfig:
     def validate(self) -> FitConfig:
         """Check values that no type can express; raise ConfigError naming the flag."""
         check_size(self.data.size)
-        _positive("--batch-size", self.train.batch_size)
-        _positive("--epochs", self.train.epochs)
-        _positive("--val-every", self.train.val_every)
-        _positive("--train-images", self.data.train_images)
-        _positive("--val-images", self.data.val_images)
-        if not (self.train.lr > 0 and math.isfinite(self.train.lr)):
-            raise ConfigError(f"--lr {self.train.lr}: expected a positive number")
-        if self.train.max_steps == 0 or self.train.max_steps < -1:
-            raise ConfigError(f"--max-steps {self.train.max_steps}: expected a positive number of steps, or -1 for no limit")
-        if not 0.0 < self.data.val_fraction < 1.0:
-            raise ConfigError(f"--val-fraction {self.data.val_fraction}: expected a number between 0 and 1")
-        if self.data.workers < -1:
-            raise ConfigError(f"--workers {self.data.workers}: expected -1 (auto), 0 or more")
-        for flag, value in (
-            ("--samples", self.run.samples),
-            ("--warmup-steps", self.memory.warmup_steps),
-            ("--checkpoint-every-steps", self.train.checkpoint_every_steps),
-        ):
-            if value < 0:
-                raise ConfigError(f"{flag} {value}: expected 0 or more")
-        _positive("--microbatches", self.dist.microbatches)
+        for section, f in _sections():
+            check_range(f, flag_of(section, f), getattr(self if section is None else getattr(self, section), f.name))
         if self.train.batch_size % self.dist.microbatches:
             raise ConfigError(f"--microbatches {self.dist.microbatches}: expected a divisor of --batch-size {self.train.batch_size}")
-        for flag, value in (("--rpc-timeout", self.dist.rpc_timeout), ("--master-timeout", self.dist.master_timeout)):
-            if not (value > 0 and math.isfinite(value)):
-                raise ConfigError(f"{flag} {value}: expected a positive number of seconds")
         if not self.strategies:
             raise ConfigError("--strategies: expected at least one strategy name (use 'none' for the plain model)")
         if self.memory.budget is not None:
@@ -209,9 +211,29 @@ def check_size(size: int, flag: str = "--size") -> int:
     raise ConfigError(f"{flag} {size}: expected a multiple of {SIZE_MULTIPLE} (the U-Net downsamples 5 times); nearest valid: {nearest}")
 
 
-def _positive(flag: str, value: int) -> None:
-    if value < 1:
-        raise ConfigError(f"{flag} {value}: expected a positive number")
+def check_range(f: dataclasses.Field, flag: str, value: Any) -> None:
+    """Raise ConfigError naming ``flag`` unless the number ``value`` is finite and within the field's declared range."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value in f.metadata.get("special", ()):
+        return
+    lo, above, hi, below = (f.metadata.get(k) for k in ("min", "above", "max", "below"))
+    ok = math.isfinite(value) and (lo is None or value >= lo) and (above is None or value > above)
+    ok = ok and (hi is None or value <= hi) and (below is None or value < below)
+    if ok:
+        return
+    kind = "an integer" if isinstance(value, int) else "a finite number"
+    parts = []
+    if lo is not None:
+        parts.append(f">= {lo:g}")
+    if above is not None:
+        parts.append(f"> {above:g}")
+    if hi is not None:
+        parts.append(f"<= {hi:g}" if hi < 1e6 else f"<= {hi}")
+    if below is not None:
+        parts.append(f"< {below:g}")
+    extra = "".join(f", or {v}" for v in f.metadata.get("special", ()))
+    positive = f"a positive {'integer' if isinstance(value, int) else 'number'}"
+    desc = positive if above == 0 and len(parts) == 1 else f"{kind} {' and '.join(parts)}"
+    raise ConfigError(f"{flag} {value}: expected {desc}{extra}")
 
 
 # --------------------------------------------------------------------------- fields

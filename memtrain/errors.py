@@ -32,3 +32,13 @@ class StrategyError(MemtrainError):
 
 class CheckpointError(MemtrainError):
     """A checkpoint or weights file that cannot be loaded."""
+
+
+class OutputError(MemtrainError):
+    """An output file or folder that cannot be created or written (a file in the way, no permission, a read-only place)."""
+
+
+class Interrupted(MemtrainError):
+    """The run was stopped by a signal after saving its state: one line, exit code 143 (128 + SIGTERM)."""
+
+    exit_code = 143

@@ -56,7 +56,7 @@ import torch
 from memtrain.config import SIZE_MULTIPLE, check_size
 from memtrain.errors import ConfigError, MemtrainError, StrategyError
 from memtrain.inference import Trained, load_trained
-from memtrain.rundir import atomic_write_bytes, atomic_write_text
+from memtrain.rundir import atomic_write_bytes, atomic_write_text, check_writable
 from memtrain.strategies.base import Stage
 
 FORMATS = ("onnx", "torchscript")
@@ -254,8 +254,9 @@ def export_model(
     if existing and not overwrite:
         more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
         raise ConfigError(f"{existing[0]}{more} already exist; pass --overwrite to replace them")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConfigError(f"--out {out_dir}: exists and is not a folder")
+    check_writable(out_dir, "--out")
+    if triton_dir is not None:
+        check_writable(triton_dir, "--triton-repo")
 
     trained = load_trained(checkpoint, device="cpu")
     int8_strategy = _int8_strategy(trained) if int8 else None

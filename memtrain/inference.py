@@ -118,9 +118,17 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             ) from None
         detail = re.search(r"WeightsUnpickler error: (.*?)(?: Check the documentation|$)", text)
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({(detail.group(1) if detail else text)[:120]})") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is not a file (expected a .ckpt written by `memtrain fit`)") from None
+    except PermissionError as e:
+        raise CheckpointError(f"{path}: cannot read it ({e.strerror})") from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
         first = " ".join(str(e).split())[:160]
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint (truncated or corrupt? {e.__class__.__name__}: {first})") from None
+    except Exception as e:  # any other decoding failure of foreign bytes (a text file gives KeyError) is the file's fault
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint (a text file or another format? {e.__class__.__name__} while decoding); expected a .ckpt written by `memtrain fit`"
+        ) from None
     if not isinstance(ckpt, dict) or SECTION not in ckpt or "state_dict" not in ckpt:
         raise CheckpointError(f"{path}: not a memtrain checkpoint (no '{SECTION}' section and state_dict; expected a .ckpt written by `memtrain fit`)")
     section = ckpt[SECTION]

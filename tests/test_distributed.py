@@ -104,9 +104,8 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 def reference(run_dir: Path, *, microbatches: int = 1, strategies: str = "none") -> dict:
     """Single-process training of the run's configuration on the run's batches, in this process."""
-    from memtrain.data.module import build_datasets
+    from memtrain.data.module import build_datasets, epoch_order
     from memtrain.distributed.launch import seed_all
-    from memtrain.distributed.master import epoch_order
     from memtrain.distributed.shard import autocast_of
     from memtrain.loop.optim import build_optimizer
     from memtrain.loss import MSSSIMLoss

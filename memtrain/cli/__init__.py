@@ -8,6 +8,7 @@ and exit with code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 
@@ -25,6 +26,25 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UsageError(f"{message} (see '{self.prog} --help')")
+
+
+# A value that starts with '-' and a digit or a dot (-1, -1e-3, -1GiB, -.5): argparse would take it for an option.
+_NEGATIVE = re.compile(r"^-\.?[0-9]")
+
+
+def join_negative_values(argv: list[str]) -> list[str]:
+    """``--flag -1GiB`` → ``--flag=-1GiB``, so that a negative value reaches the flag's own check and its message."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        if tok.startswith("--") and "=" not in tok and tok != "--" and i + 1 < len(argv) and _NEGATIVE.match(argv[i + 1]):
+            out.append(f"{tok}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(tok)
+        i += 1
+    return out
 
 
 def build_parser() -> Parser:
@@ -49,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _one_line_warnings
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        args = parser.parse_args(join_negative_values(list(sys.argv[1:] if argv is None else argv)))
         if args.command is None:
             parser.print_help()
             return 2

@@ -88,8 +88,9 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: exists and is not a folder")
-    if (out / "compare.json").exists():
-        raise ConfigError(f"--out {out}: already holds a comparison (compare.json); choose another --out or remove it")
+    held = [name for name in ("compare.json", "compare.csv", "compare.md", "compare.png") if (out / name).exists()]
+    if held:
+        raise ConfigError(f"--out {out}: already holds a comparison ({', '.join(held)}); choose another --out or remove it")
     sweep = Sweep(combos, sizes, out, steps=args.steps, batch_size=args.batch_size, encoder=args.encoder, loss=args.loss, device=args.device, lr=args.lr)
     sweep.cell_timeout, sweep.cpu_memory_limit = args.cell_timeout, limit
     sweep.launcher, sweep.nproc_per_node = args.launcher, args.nproc_per_node or 1

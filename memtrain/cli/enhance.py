@@ -134,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
     from memtrain.data.readers import load_source
     from memtrain.data.writers import compare_png, encode, quiet_pydicom
     from memtrain.inference import Enhancer, load_trained
-    from memtrain.rundir import atomic_write_bytes
+    from memtrain.rundir import atomic_write_bytes, check_writable
 
     tile = _int("--tile", args.tile, 32)
     overlap = _int("--overlap", args.overlap, 0)
@@ -144,6 +144,7 @@ def run(args: argparse.Namespace) -> int:
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"
     out = Path(args.out).expanduser()
     jobs = plan_outputs(collect_inputs(args.inputs), out, compare=args.compare, overwrite=args.overwrite)
+    check_writable(out, "--out")
 
     trained = load_trained(args.checkpoint, device=device)
     enhancer = Enhancer(trained.model, device=device, amp=args.amp, max_memory=max_memory)

@@ -65,6 +65,10 @@ def parse_combos(text: str | None) -> list[str] | None:
     combos = [c for c in combos if c]
     if not combos:
         raise ConfigError(f"--strategies {text!r}: expected ';'-separated combinations, e.g. 'none;amp;amp,tf32'")
+    from memtrain.strategies.registry import create
+
+    for name in sorted({n for c in combos for n in c.split(",")}):
+        create(name)  # an unknown name is a one-line StrategyError naming --strategies
     return combos
 
 

@@ -98,6 +98,8 @@ class DDPRunner(LightningRunner):
             else:
                 heartbeat.stop()
 
+    resumable_data = False  # Lightning gives the plain loader its DistributedSampler
+
     def open_run_dir(self, cfg: FitConfig, resume: Path | None) -> Path:
         import torch.distributed as dist
 

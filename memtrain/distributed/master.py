@@ -30,7 +30,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from memtrain.config import FitConfig, to_dict
-from memtrain.data.module import loader_workers
+from memtrain.data.module import epoch_order, loader_workers
 from memtrain.distributed.memory import earlier_rows, format_rank_table, memory_file, rank_memory, summarize_ranks, write_rank_files
 from memtrain.errors import CheckpointError
 from memtrain.loop.callbacks import MetricsFile, format_metric, render_samples
@@ -38,13 +38,6 @@ from memtrain.loop.fit import CHECKPOINT_DIR, LAST, _print_outcome, open_run_dir
 from memtrain.rundir import atomic_write_bytes
 
 BEST = "best.ckpt"
-
-
-def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
-    """The training order of epoch ``epoch``: a permutation drawn from (seed, epoch) alone."""
-    g = torch.Generator()
-    g.manual_seed(seed * 1_000_003 + epoch)
-    return torch.randperm(n, generator=g).tolist()
 
 
 def train_batches(dataset: Dataset, cfg: FitConfig, epoch: int, skip_batches: int = 0, pin_memory: bool = False) -> DataLoader:

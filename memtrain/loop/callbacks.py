@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import Checkpoint
 
 from memtrain.rundir import atomic_write_bytes, atomic_write_text
 
@@ -52,8 +53,10 @@ class MetricsFile:
 
     def add(self, row: dict[str, str], *, write: bool = True) -> None:
         self.rows.append(row)
-        if not write:
-            return
+        if write:
+            self.write()
+
+    def write(self) -> None:
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=METRIC_COLUMNS, lineterminator="\n", extrasaction="ignore")
         writer.writeheader()
@@ -64,44 +67,142 @@ class MetricsFile:
 class MetricsCSV(L.Callback):
     """One row per epoch in ``metrics.csv``: losses, image metrics (model and identity), lr, seconds.
 
-    The file is rewritten atomically after every epoch. On resume, rows of epochs that
-    the checkpoint does not cover are dropped and then written again.
+    The row of an epoch is written as soon as it is complete — at the end of its
+    validation, or at the end of its training when it has none — and before Lightning
+    writes that point's checkpoint (checkpoint callbacks run last). The rows, the running
+    training-loss sum of the current epoch and its elapsed seconds are also part of every
+    checkpoint (:meth:`state_dict`), so a run resumed from any checkpoint, even one written
+    mid-epoch, continues with exactly the rows and sums the checkpoint covers.
+
+    ``lr`` is the learning rate the epoch trained with; ``train_loss`` the mean of its
+    training losses weighted by batch size; ``epoch_seconds`` its training and validation
+    time, summed over the processes that ran it.
     """
 
     def __init__(self, path: str | Path) -> None:
         self.file = MetricsFile(path)
-        self._t0 = 0.0
-        self._validated_epoch = -1
+        self._t0 = time.perf_counter()
+        self._before = 0.0  # seconds of this epoch spent before a resume
+        self._loss_sum = 0.0
+        self._seen = 0
+        self._lr: float | None = None
+        self._written: tuple[int, int] = (-1, -1)  # (epoch, step) of the last row written
+        self._restored = False
 
     @property
     def path(self) -> Path:
         return self.file.path
 
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.file.resume(trainer.current_epoch)
+    # -- checkpointed state ------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "rows": [dict(r) for r in self.file.rows],
+            "elapsed": self._before + time.perf_counter() - self._t0,
+            "loss_sum": self._loss_sum,
+            "seen": self._seen,
+            "lr": self._lr,
+            "written": list(self._written),
+        }
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
+    def load_state_dict(self, state: dict) -> None:
+        self.file.rows = [dict(r) for r in state.get("rows", [])]
+        self._before = float(state.get("elapsed", 0.0))
+        self._loss_sum, self._seen = float(state.get("loss_sum", 0.0)), int(state.get("seen", 0))
+        self._lr = state.get("lr")
+        self._written = tuple(state.get("written", (-1, -1)))
+        self._restored = True
+
+    # -- hooks -------------------------------------------------------------------------
+    def on_train_start(self, trainer, pl_module) -> None:
+        # A resumed run continues the checkpoint's rows (and rewrites the file with them);
+        # a fresh one starts empty. on_train_epoch_start is not called when resuming mid-epoch.
+        if not self._restored:
+            self.file.rows = []
+        elif trainer.is_global_zero:
+            self.file.write()  # drop rows of epochs the checkpoint does not cover
         self._t0 = time.perf_counter()
 
-    def on_validation_epoch_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
-            self._validated_epoch = trainer.current_epoch
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._t0, self._before = time.perf_counter(), 0.0
+        self._loss_sum, self._seen, self._lr = 0.0, 0, None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.optimizers:
+            self._lr = float(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            n = int(batch[0].shape[0])
+            self._loss_sum += float(loss.detach()) * n
+            self._seen += n
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking and trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._write_row(trainer, ran_val=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        # Runs after the epoch's validation, so val_* of this epoch are in callback_metrics.
+        # Not again after this epoch's validation wrote it; again for an epoch that a resume (after --max-steps) completed.
+        if self._written != (trainer.current_epoch, trainer.global_step):
+            self._write_row(trainer, ran_val=False)
+
+    def _write_row(self, trainer, *, ran_val: bool) -> None:
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
-        ran_val = self._validated_epoch == trainer.current_epoch
         row = {
             "epoch": str(trainer.current_epoch),
             "step": str(trainer.global_step),
-            "lr": f"{trainer.optimizers[0].param_groups[0]['lr']:.6g}" if trainer.optimizers else "",
-            "train_loss": format_metric(m.get("train_loss_epoch")),
-            "epoch_seconds": f"{time.perf_counter() - self._t0:.2f}",
+            "lr": "" if self._lr is None else f"{self._lr:.6g}",
+            "train_loss": format_metric(self._loss_sum / self._seen if self._seen else None),
+            "epoch_seconds": f"{self._before + time.perf_counter() - self._t0:.2f}",
         }
         for col in METRIC_COLUMNS:
             if col.startswith(("val_", "identity_")):
                 row[col] = format_metric(m.get(col)) if ran_val else ""
+        self.file.rows = [r for r in self.file.rows if int(r["epoch"]) < trainer.current_epoch]
         self.file.add(row, write=trainer.is_global_zero)  # data parallel: one writer
+        self._written = (trainer.current_epoch, trainer.global_step)
+
+
+class LastCheckpoint(Checkpoint):
+    """``last.ckpt``, the state to resume from, written atomically (see :mod:`memtrain.loop.checkpoint_io`).
+
+    Lightning runs ``Checkpoint`` callbacks last, so every other output of that moment
+    (metrics row, memory rows) is on disk before the checkpoint. It is written:
+
+    * at the end of every epoch, after its validation and its ``metrics.csv`` row;
+    * every ``every_n_steps`` optimizer steps when set, except on an epoch's last batch:
+      there the epoch-end checkpoint follows (a checkpoint between the last batch and the
+      validation would resume past a validation that never ran);
+    * at the end of training, whatever stopped it (``--max-steps``, or the last epoch; a run
+      ending before its first validation has no other checkpoint);
+    * when the process receives SIGTERM (a scheduler preempting the job): Lightning stops
+      after the current batch and this state is written, so ``--resume`` continues from
+      it; the run then exits non-zero.
+    """
+
+    def __init__(self, path: str | Path, every_n_steps: int = 0) -> None:
+        self.path = Path(path)
+        self.every_n_steps = every_n_steps
+
+    def _save(self, trainer) -> None:
+        if trainer.global_step > 0:
+            trainer.save_checkpoint(self.path)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0 and not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._save(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self._save(trainer)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        if isinstance(exception, SIGTERMException):
+            self._save(trainer)
 
 
 class SampleImages(L.Callback):

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 
 from memtrain.config import AUTO, FitConfig, dump_yaml, to_dict
-from memtrain.errors import ConfigError, StrategyError
-from memtrain.rundir import CONFIG_NAME, atomic_write_text, new_run_dir
+from memtrain.errors import CheckpointError, ConfigError, Interrupted, StrategyError
+from memtrain.rundir import CONFIG_NAME, atomic_write_text, check_new_run_dir, check_writable, discard_failed_start, new_run_dir, remove_stale_temp_files
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -44,15 +44,23 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
     one Lightning process by default, or the processes of a placement strategy (rpc,
     pipeline, ddp) launched with torchrun.
     """
+    from memtrain.data.module import check_host_memory
+    from memtrain.loss import window_for
     from memtrain.strategies import Environment, Plan
 
     cfg.validate()
+    window_for(cfg.data.size)  # too small for the loss: say so before Lightning prints anything
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
     if cfg.train.accelerator == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--accelerator cuda: no CUDA device is available (use 'auto' or 'cpu')")
     env = Environment.detect(cfg.train.accelerator)
+    check_host_memory(cfg.data, pin_memory=env.device == "cuda")
+    if resume is None:
+        check_new_run_dir(cfg.run.out)
+    else:
+        check_writable(resume, "--resume")
     if cfg.strategies == [AUTO]:
         cfg.strategies = choose_strategies(cfg, env)
     plan = Plan.resolve(cfg.strategies, env)
@@ -60,11 +68,54 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
 
 
 def resume_checkpoint(run_dir: Path) -> Path:
-    """The last.ckpt of ``run_dir``; ConfigError when the run stopped before its first checkpoint."""
+    """The last.ckpt of ``run_dir``, checked readable; ConfigError or CheckpointError in one line otherwise."""
+    return load_resume_checkpoint(run_dir)[0]
+
+
+def load_resume_checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    """(path, content) of ``run_dir``'s last.ckpt, loaded weights-only (no pickled code runs).
+
+    A missing one means the run stopped before its first checkpoint; a corrupt one is
+    named, with the newest other checkpoint of the run that does load, if there is one.
+    """
+    from memtrain.inference import read_checkpoint
+
     ckpt_path = run_dir / CHECKPOINT_DIR / LAST
     if not ckpt_path.is_file():
-        raise ConfigError(f"--resume {run_dir}: no {CHECKPOINT_DIR}/{LAST} (the run stopped before its first checkpoint)")
-    return ckpt_path
+        raise ConfigError(
+            f"--resume {run_dir}: no {CHECKPOINT_DIR}/{LAST} (the run stopped before its first checkpoint);"
+            f" start it again: remove {run_dir}, or run with --config {run_dir / CONFIG_NAME} --out NEW_DIR"
+        )
+    try:
+        return ckpt_path, read_checkpoint(ckpt_path)
+    except CheckpointError as e:
+        reason = str(e).removeprefix(f"{ckpt_path}: ")
+        older = None
+        for other in sorted((run_dir / CHECKPOINT_DIR).glob("*.ckpt"), key=lambda p: p.stat().st_mtime, reverse=True):
+            if other.name == LAST:
+                continue
+            try:
+                ckpt = read_checkpoint(other)
+            except CheckpointError:
+                continue
+            older = f"an older valid checkpoint is {other} (epoch {ckpt.get('epoch')}, step {ckpt.get('global_step')}): to resume from it, copy it over {LAST}"
+            break
+        hint = older or "no other checkpoint of this run loads; start it again with --config " + str(run_dir / CONFIG_NAME) + " --out NEW_DIR"
+        raise CheckpointError(f"--resume {run_dir}: {CHECKPOINT_DIR}/{LAST} is corrupt ({reason}); {hint}") from None
+
+
+def check_resume_architecture(ckpt: dict, model, ckpt_path: Path) -> None:
+    """The resumed checkpoint's weights must fit the model this configuration builds (same keys and shapes)."""
+    from memtrain.inference import STATE_PREFIX
+    from memtrain.model import state_dict_mismatch
+
+    state = ckpt.get("state_dict")
+    if not isinstance(state, dict):
+        raise CheckpointError(f"--resume: {ckpt_path} has no state_dict")
+    weights = {k[len(STATE_PREFIX) :]: v for k, v in state.items() if isinstance(k, str) and k.startswith(STATE_PREFIX)}
+    parts = state_dict_mismatch(model.state_dict(), weights)
+    if parts:
+        raise CheckpointError(f"--resume: {ckpt_path} was written by another architecture than this run's configuration builds: " + "; ".join(parts))
 
 
 def open_run_dir(cfg: FitConfig, resume: Path | None) -> Path:
@@ -74,6 +125,7 @@ def open_run_dir(cfg: FitConfig, resume: Path | None) -> Path:
         cfg.run.out = str(run_dir)
     else:
         run_dir = resume
+        remove_stale_temp_files(run_dir)
     atomic_write_text(run_dir / CONFIG_NAME, dump_yaml(cfg))
     return run_dir
 
@@ -83,22 +135,41 @@ class LightningRunner:
 
     def run(self, cfg: FitConfig, plan, env, *, resume: Path | None) -> Path | None:
         import lightning as L
-        from lightning.pytorch.callbacks import ModelCheckpoint
 
         from memtrain.data.module import RadiographDataModule
-        from memtrain.loop.callbacks import MetricsCSV, SampleImages
+        from memtrain.model import build_model
+
+        ckpt_path, resumed = load_resume_checkpoint(resume) if resume is not None else (None, None)
+        L.seed_everything(cfg.train.seed, workers=True, verbose=False)
+        datamodule = RadiographDataModule(
+            cfg.data, batch_size=cfg.train.batch_size, pin_memory=env.device == "cuda", seed=cfg.train.seed, resumable=self.resumable_data
+        )
+        # Strategies that restructure or wrap the model check its structure here, before anything is written.
+        model = plan.apply(build_model(cfg.model))
+        if resumed is not None:
+            check_resume_architecture(resumed, model, ckpt_path)
+            del resumed
+
+        created = resume is None and not (cfg.run.out and Path(cfg.run.out).expanduser().exists())
+        run_dir = self.open_run_dir(cfg, resume)
+        try:
+            return self._train(cfg, plan, env, run_dir, model, datamodule, ckpt_path)
+        except BaseException:
+            if resume is None and self.is_main():
+                discard_failed_start(run_dir, created)  # no dead-end folder holding only config.yaml
+            raise
+
+    def _train(self, cfg: FitConfig, plan, env, run_dir: Path, model, datamodule, ckpt_path: Path | None) -> Path | None:
+        import lightning as L
+        from lightning.pytorch.callbacks import ModelCheckpoint
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        from memtrain.loop.callbacks import LastCheckpoint, MetricsCSV, SampleImages
+        from memtrain.loop.checkpoint_io import AtomicCheckpointIO
         from memtrain.loop.module import EnhancementModule
         from memtrain.memory.cuda import allocator_snapshot
         from memtrain.memory.tracker import MemoryTracker
-        from memtrain.model import build_model
 
-        ckpt_path = resume_checkpoint(resume) if resume is not None else None
-        L.seed_everything(cfg.train.seed, workers=True, verbose=False)
-        datamodule = RadiographDataModule(cfg.data, batch_size=cfg.train.batch_size, pin_memory=env.device == "cuda")
-        # Strategies that restructure or wrap the model check its structure here, before anything is written.
-        model = plan.apply(build_model(cfg.model))
-
-        run_dir = self.open_run_dir(cfg, resume)
         self.announce(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})")
         module = EnhancementModule(model, plan, cfg.train, loss=cfg.loss, samples=cfg.run.samples, config=to_dict(cfg))
 
@@ -106,16 +177,9 @@ class LightningRunner:
         ckpt_dir = run_dir / CHECKPOINT_DIR
         callbacks = [
             ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val_loss", mode="min", save_top_k=1, enable_version_counter=False),
-            # "last": one file, overwritten at every epoch end (or every N steps).
-            ModelCheckpoint(
-                dirpath=ckpt_dir,
-                filename="last",
-                monitor=None,
-                save_top_k=1,
-                every_n_train_steps=cfg.train.checkpoint_every_steps or None,
-                enable_version_counter=False,
-            ),
             MetricsCSV(run_dir / "metrics.csv"),
+            # "last": one file, overwritten at every epoch end (and every N steps), at the end and on SIGTERM.
+            LastCheckpoint(ckpt_dir / LAST, every_n_steps=cfg.train.checkpoint_every_steps),
         ]
         if cfg.run.samples > 0:
             callbacks.append(SampleImages(run_dir / "samples"))
@@ -124,11 +188,11 @@ class LightningRunner:
 
         precision = plan.precision_plugin()
         trainer = L.Trainer(
-            plugins=[precision] if precision is not None else None,
+            plugins=[AtomicCheckpointIO(), *([precision] if precision is not None else [])],
             max_epochs=cfg.train.epochs,
             max_steps=cfg.train.max_steps,
             check_val_every_n_epoch=cfg.train.val_every,
-            limit_val_batches=cfg.train.limit_val_batches if cfg.train.limit_val_batches > 0 else None,
+            limit_val_batches=cfg.train.limit_val_batches if cfg.train.limit_val_batches >= 0 else None,  # 0: no validation
             num_sanity_val_steps=0,
             logger=False,
             callbacks=callbacks,
@@ -140,8 +204,13 @@ class LightningRunner:
             **self.trainer_options(env),
         )
         snapshot = allocator_snapshot(run_dir / cfg.memory.snapshot if cfg.memory.snapshot else None, device)
-        with plan.session(), snapshot:
-            trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        try:
+            with plan.session(), snapshot:
+                trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        except SIGTERMException:
+            raise Interrupted(
+                f"stopped by SIGTERM at step {trainer.global_step}; {ckpt_dir / LAST} holds that state: continue with memtrain fit --resume {run_dir}"
+            ) from None
         if getattr(snapshot, "written", None):
             print(f"memtrain: allocator snapshot in {snapshot.written} (open it at https://pytorch.org/memory_viz)")
         if self.is_main():
@@ -150,6 +219,10 @@ class LightningRunner:
         return None
 
     # -- hooks ---------------------------------------------------------------------------
+    #: Single-process runs use memtrain's resumable training loader (same order after a resume, mid-epoch too);
+    #: data-parallel runs keep a plain loader, to which Lightning gives a distributed sampler.
+    resumable_data = True
+
     def open_run_dir(self, cfg: FitConfig, resume: Path | None) -> Path:
         return open_run_dir(cfg, resume)
 
@@ -212,4 +285,8 @@ def _print_outcome(run_dir: Path) -> None:
             f"epoch {r['epoch']}: val MS-SSIM {float(r['val_msssim']):.4f} (identity {float(r['identity_msssim']):.4f}), "
             f"PSNR {float(r['val_psnr']):.2f} dB (identity {float(r['identity_psnr']):.2f} dB)"
         )
-    print(f"memtrain: outputs in {run_dir}: config.yaml, metrics.csv, memory.csv, memory_blocks.csv, checkpoints/, samples/")
+    names = ("config.yaml", "metrics.csv", "memory.csv", "memory_blocks.csv", "checkpoints", "samples")
+    written = [
+        n + "/" if (run_dir / n).is_dir() else n for n in names if (run_dir / n).exists() and (not (run_dir / n).is_dir() or any((run_dir / n).iterdir()))
+    ]
+    print(f"memtrain: outputs in {run_dir}: {', '.join(written)}")

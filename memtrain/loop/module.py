@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -90,3 +91,21 @@ class EnhancementModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # Enough to rebuild the model for inference without this run's code state.
         checkpoint["memtrain"] = {"config": self.config, "strategies": self.plan.specs}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # Resumed with another --epochs: the cosine schedule continues over the new length
+        # (T_max = the new number of epochs, at the checkpoint's epoch), instead of the saved one.
+        epochs = max(1, self.train_cfg.epochs)
+        for i, sched in enumerate(checkpoint.get("lr_schedulers") or []):
+            if self.train_cfg.scheduler != "cosine" or "T_max" not in sched or sched["T_max"] == epochs:
+                continue
+            t, eta = int(sched["last_epoch"]), float(sched.get("eta_min", 0.0))
+            lrs = [eta + (float(b) - eta) * (1 + math.cos(math.pi * min(t, epochs) / epochs)) / 2 for b in sched["base_lrs"]]
+            old = sched["T_max"]
+            sched["T_max"], sched["_last_lr"] = epochs, lrs
+            for group, lr in zip(checkpoint["optimizer_states"][i]["param_groups"], lrs):
+                group["lr"] = lr
+            print(
+                f"memtrain: resumed with --epochs {epochs} (was {old}): the cosine schedule continues over {epochs} epochs, lr {lrs[0]:.6g} at epoch {t}",
+                flush=True,
+            )

@@ -76,6 +76,10 @@ class MemoryCallback(L.Callback):
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._write()
 
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        # The rows of every step a checkpoint covers are on disk before it is: a resume keeps them.
+        self._write()
+
     def on_fit_end(self, trainer, pl_module) -> None:
         self.tracker.close()
         self._write()

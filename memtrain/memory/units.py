@@ -34,6 +34,8 @@ def parse_bytes(text: str | int | float, flag: str = "--memory-budget") -> int:
     if isinstance(text, (int, float)):
         value, unit = float(text), ""
     else:
+        if _PATTERN.match(str(text).strip().lstrip("-")) and str(text).strip().startswith("-"):
+            raise ConfigError(f"{flag} {text}: expected a size above zero, not a negative one")
         m = _PATTERN.match(str(text))
         if not m or m.group(2).lower() not in _UNITS:
             raise ConfigError(f"{flag} {text}: expected a size like 8GiB, 8GB, 512MiB or a number of bytes")
