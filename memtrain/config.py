@@ -28,6 +28,10 @@ from memtrain.errors import ConfigError
 SIZE_MULTIPLE = 32
 # `--strategies auto`: the planner picks the fastest combination that fits --memory-budget.
 AUTO = "auto"
+# `memtrain export` defaults, here so that building the command line never imports torch.
+EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_ATOL = 1e-4
+EXPORT_SIZE = 128
 
 
 def opt(default: Any = MISSING, *, help: str, flag: str | None = None, choices=None, factory=None):
