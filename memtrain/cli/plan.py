@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from memtrain.config import check_size
 from memtrain.errors import ConfigError
@@ -18,6 +19,9 @@ EPILOG = """examples:
   memtrain plan --size 1024 --strategies "none;amp;amp,tf32"
 fits: step peak x (1 + 10 %) + headroom (default 1 GiB: CUDA context and workspaces) <= budget.
 units: KiB/MiB/GiB (and K/M/G) are powers of 1024, kB/MB/GB powers of 1000."""
+
+
+SHOWN = 10  # rows of the table without --all: the fastest that fit
 
 
 def add_parser(sub) -> None:
@@ -40,7 +44,9 @@ def add_parser(sub) -> None:
     p.add_argument("--headroom", default="1GiB", help="memory kept free for the CUDA context and workspaces [default: 1GiB]")
     p.add_argument("--max-size", type=int, default=None, help="largest number of strategies in one combination [default: all]")
     p.add_argument("--jobs", type=int, default=1, help="processes estimating in parallel [default: 1]")
-    p.add_argument("--json", action="store_true", help="print a JSON list of objects instead of the table")
+    p.add_argument("--all", action="store_true", help="estimate and list every combination, not only the 10 fastest that fit")
+    p.add_argument("--json", action="store_true", help="print a JSON list of every combination (as --all) instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run)
 
 
@@ -83,12 +89,15 @@ def run(args: argparse.Namespace) -> int:
     combos = parse_combos(args.strategies)
     _check_encoder(args.encoder)
     env, how = target_environment(args.device)
-    planner = Planner(size=args.size, batch_size=args.batch_size, encoder=args.encoder, env=env, budget=budget, headroom=headroom, jobs=args.jobs)
+    progress = None if args.quiet else (lambda line: print(f"memtrain plan: {line}", file=sys.stderr, flush=True))
+    planner = Planner(
+        size=args.size, batch_size=args.batch_size, encoder=args.encoder, env=env, budget=budget, headroom=headroom, jobs=args.jobs, progress=progress
+    )
     if combos is None and args.max_size is not None:
         from memtrain.memory.planner import combinations
 
         combos = combinations(max_size=args.max_size, env=env)
-    cands = planner.plan(combos)
+    cands = planner.plan(combos, enough=None if args.all or args.json else SHOWN)
     best = chosen(cands)
     if args.json:
         rows = [c.as_dict(args.size, args.batch_size) | {"chosen": c is best} for c in cands]
@@ -121,10 +130,10 @@ def format_plan(cands, best, planner, args, how: str) -> str:
         )
     lines.append("estimated with fake tensors (tensor backend: live tensor bytes); sorted by expected step time relative to 'none'")
     header = ["strategies", "time cost", "forward MiB", "backward MiB", "optimizer MiB", "step peak MiB", "fits"]
+    measured = [c for c in cands if c.memory is not None]
+    shown = measured if args.all or planner.budget is None else [c for c in measured if c.fits][:SHOWN]
     rows = []
-    for c in cands:
-        if c.memory is None:
-            continue
+    for c in shown:
         fits = "-" if c.fits is None else ("yes" if c.fits else "no")
         if c is best:
             fits += "  <- chosen"
@@ -132,14 +141,14 @@ def format_plan(cands, best, planner, args, how: str) -> str:
         rows.append(
             [name, f"x{c.time_cost:.2f}", *(f"{c.peak(p) / MIB:,.0f}" for p in ("forward", "backward", "optimizer")), f"{c.step_peak / MIB:,.0f}", fits]
         )
+    if shown is not measured:
+        lines.append(f"the {len(shown)} fastest that fit of {len(measured)} estimated (--all: every combination)")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
         lines.append("  ".join(cell.ljust(w) if i in (0, 6) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
-    if any(c.measured_as for c in cands):
+    if any(c.measured_as for c in shown):
         lines.append("(= X): same memory as X — the other strategies change no memory, measured alone")
-    for c in cands:
-        if c.memory is None:
-            lines.append(f"not estimated: {c.strategies}: {c.status}: {c.reason}")
+    lines.extend(grouped_rejections(cands))
     if args.strategies is None:
         from memtrain.memory.planner import left_out
 
@@ -154,3 +163,16 @@ def format_plan(cands, best, planner, args, how: str) -> str:
                 f" expected step time x{best.time_cost:.2f})"
             )
     return "\n".join(lines)
+
+
+def grouped_rejections(cands) -> list[str]:
+    """One line per reason for the combinations not estimated: the reason, how many, and the first few of them."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for c in cands:
+        if c.memory is None:
+            groups.setdefault((c.status, c.reason), []).append(c.strategies)
+    lines = []
+    for (status, reason), combos in groups.items():
+        listed = "; ".join(combos[:3]) + (f"; ... ({len(combos) - 3} more)" if len(combos) > 3 else "")
+        lines.append(f"{status} ({len(combos)}): {reason}: {listed}")
+    return lines

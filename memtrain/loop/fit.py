@@ -175,7 +175,12 @@ def choose_strategies(cfg: FitConfig, env) -> list[str]:
     from memtrain.memory.units import fmt_bytes, parse_bytes
 
     budget = parse_bytes(cfg.memory.budget, "--memory-budget")
-    planner = Planner(size=cfg.data.size, batch_size=cfg.train.batch_size, encoder=cfg.model.encoder, env=env, budget=budget)
+    import sys
+
+    def progress(line: str) -> None:
+        print(f"memtrain: --strategies auto: estimated {line}", file=sys.stderr, flush=True)
+
+    planner = Planner(size=cfg.data.size, batch_size=cfg.train.batch_size, encoder=cfg.model.encoder, env=env, budget=budget, progress=progress)
     if budget <= planner.headroom:
         raise StrategyError(
             f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget}: it is not more than the {fmt_bytes(planner.headroom)}"

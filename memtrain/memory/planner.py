@@ -37,7 +37,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memtrain.errors import MemtrainError
@@ -129,17 +131,51 @@ def required_bytes(step_peak: int, headroom: int = HEADROOM_BYTES, fraction: flo
     return math.ceil(step_peak * (1.0 + fraction)) + headroom
 
 
-def _measure(args: tuple) -> StepMemory | str:
-    """Worker: an estimate, or the error text (a failing strategy must not stop the plan)."""
-    combo, size, batch_size, encoder, env = args
+def _measure(args: tuple) -> tuple[StepMemory | str, str, float]:
+    """Worker: (an estimate or the error text, how it was obtained, seconds); a failing strategy must not stop the plan."""
+    combo, size, batch_size, encoder, env, extrapolate = args
+    start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return measure_step(combo, size=size, batch_size=batch_size, encoder=encoder, fake=True, env=env, blocks=False)
+            memory, how = estimate_memory(combo, size=size, batch_size=batch_size, encoder=encoder, env=env, extrapolate=extrapolate)
+            return memory, how, time.perf_counter() - start
     except MemtrainError as e:
-        return f"rejected: {e}"
+        return f"rejected: {e}", "failed", time.perf_counter() - start
     except Exception as e:
-        return f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", "failed", time.perf_counter() - start
+
+
+def estimate_memory(combo: str, *, size: int, batch_size: int, encoder: str, env, extrapolate: bool = True) -> tuple[StepMemory, str]:
+    """``combo``'s step at ``size`` with fake tensors, and how: from its size model (memtrain.memory.scaling) or measured at the size.
+
+    Both are cached on disk; the size model is used when every strategy declares
+    ``size_polynomial``, the size is on the model's range (≥ its smallest traced size) and the
+    model was verified; otherwise :func:`measure_step` runs at ``size``.
+    """
+    from memtrain.memory import scaling
+    from memtrain.strategies import Plan
+
+    plan = Plan.resolve(combo, env)
+    key = scaling.cache_key(combo, batch_size=batch_size, encoder=encoder, env=env)
+    why = "extrapolation off"
+    if extrapolate:
+        if not all(type(s).size_polynomial for s in plan.strategies):
+            why = "its events depend on the size"
+        elif size < scaling.SIZES[0]:
+            why = f"below {scaling.SIZES[0]} px"
+        else:
+            cached = scaling.load(key) is not None
+            model = scaling.size_model(combo, batch_size=batch_size, encoder=encoder, env=env)
+            if isinstance(model, scaling.SizeModel):
+                return model.at(size, strategies=plan.label, batch_size=batch_size, device=env.device), "size model" + (" (cached)" if cached else "")
+            why = model
+    memory = scaling.load_direct(key, size)
+    if memory is not None:
+        return memory, f"measured at the size (cached; {why})"
+    memory = measure_step(combo, size=size, batch_size=batch_size, encoder=encoder, fake=True, env=env, blocks=False)
+    scaling.store_direct(key, memory)
+    return memory, f"measured at the size ({why})"
 
 
 class Planner:
@@ -156,14 +192,19 @@ class Planner:
         headroom: int = HEADROOM_BYTES,
         fraction: float = HEADROOM_FRACTION,
         jobs: int = 1,
+        extrapolate: bool = True,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.size, self.batch_size, self.encoder = size, batch_size, encoder
         self.env = env or default_target()
         self.budget, self.headroom, self.fraction = budget, headroom, fraction
         self.jobs = max(1, jobs)
+        self.extrapolate = extrapolate
+        self.progress = progress  # called with one line per combination estimated (None: silent)
         self._cache: dict[str, StepMemory | str] = {}
         self.measured: list[Candidate] = []  # what choose() estimated
         self.neutral: set[str] = set()  # memory-neutral strategies found by estimate()
+        self.estimated = 0  # estimates made (progress lines)
 
     # -- candidates
     def candidates(self, combos: list[str] | None = None) -> list[Candidate]:
@@ -192,17 +233,26 @@ class Planner:
         todo = [c for c in dict.fromkeys(combos) if c not in self._cache]
         if not todo:
             return
-        args = [(c, self.size, self.batch_size, self.encoder, self.env) for c in todo]
+        args = [(c, self.size, self.batch_size, self.encoder, self.env, self.extrapolate) for c in todo]
         if self.jobs > 1 and len(todo) > 2:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             workers = min(self.jobs, len(todo))
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker) as pool:
-                results = list(pool.map(_measure, args))
+                for combo, result in zip(todo, pool.map(_measure, args)):
+                    self._done(combo, result)
         else:
-            results = [_measure(a) for a in args]
-        self._cache.update(zip(todo, results))
+            for combo, a in zip(todo, args):
+                self._done(combo, _measure(a))
+
+    def _done(self, combo: str, result: tuple) -> None:
+        memory, how, seconds = result
+        self._cache[combo] = memory
+        self.estimated += 1
+        if self.progress is not None:
+            peak = f"step peak {memory.step_peak / MIB:,.0f} MiB" if isinstance(memory, StepMemory) else memory
+            self.progress(f"[{self.estimated}] {combo}: {peak}; {how}, {seconds:.1f} s")
 
     def _neutral(self, names: list[str]) -> set[str]:
         """Strategies whose own estimate equals ``none``'s in every phase (they change no memory)."""
@@ -219,19 +269,32 @@ class Planner:
                 neutral.add(name)
         return neutral
 
-    def estimate(self, candidates: list[Candidate]) -> list[Candidate]:
-        """Fill in every candidate's estimate and verdict (memory-neutral strategies reuse estimates)."""
+    def estimate(self, candidates: list[Candidate], *, enough: int | None = None) -> list[Candidate]:
+        """Fill in every candidate's estimate and verdict (memory-neutral strategies reuse estimates).
+
+        With ``enough`` and a budget, candidates are estimated in expected-cost order and the
+        estimating stops once ``enough`` of them fit: the slower rest cannot be among the
+        ``enough`` fastest that fit, and are marked ``skipped``.
+        """
         ok = [c for c in candidates if c.status == "ok"]
         singles = sorted({n for c in ok for n in c.strategies.split(",") if n != "none"})
         self.neutral = self._neutral(singles)
         for c in ok:
             c.measured_as = self._memory_key(c)
-        self._run([c.measured_as for c in ok])
-        for c in ok:
-            result = self._cache[c.measured_as]
-            if c.measured_as == c.strategies:
-                c.measured_as = None
-            self._settle(c, result)
+        fitting = 0
+        for _cost, group in itertools.groupby(sorted(ok, key=lambda c: c.time_cost), key=lambda c: c.time_cost):
+            group = list(group)
+            if enough is not None and self.budget is not None and fitting >= enough:
+                for c in group:
+                    c.status, c.reason, c.measured_as = "skipped", f"expected slower than the {enough} fastest that fit", None
+                continue
+            self._run([c.measured_as for c in group])
+            for c in group:
+                result = self._cache[c.measured_as]
+                if c.measured_as == c.strategies:
+                    c.measured_as = None
+                self._settle(c, result)
+                fitting += bool(c.fits)
         return candidates
 
     def _memory_key(self, c: Candidate) -> str:
@@ -250,9 +313,9 @@ class Planner:
     def required(self, step_peak: int) -> int:
         return required_bytes(step_peak, self.headroom, self.fraction)
 
-    def plan(self, combos: list[str] | None = None) -> list[Candidate]:
-        """Every candidate estimated, sorted: measured ones by (cost, step peak), then rejected and failed ones."""
-        cands = self.estimate(self.candidates(combos))
+    def plan(self, combos: list[str] | None = None, *, enough: int | None = None) -> list[Candidate]:
+        """Every candidate estimated (see :meth:`estimate` for ``enough``), sorted: measured ones by (cost, step peak), then the rest."""
+        cands = self.estimate(self.candidates(combos), enough=enough)
         return sort_candidates(cands)
 
     def choose(self, combos: list[str] | None = None) -> Candidate | None:
