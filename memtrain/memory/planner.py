@@ -8,28 +8,28 @@ since those run several processes). What is left out is listed with the reason
 (:func:`left_out`). Each combination is resolved for the target environment first;
 combinations that :meth:`Plan.resolve` rejects are listed with the reason and never
 measured. The rest
-are measured with :func:`memtrain.memory.estimate.measure_step` under fake tensors: the
-exact tensor bytes of the fit's training step, nothing allocated, ~1-3 s each on a
-CPU whatever the image size.
+are estimated with fake tensors — nothing is allocated — by :func:`estimate_memory`: from
+the combination's *size model* (:mod:`memtrain.memory.scaling`: exact per-event quadratics
+in the image side, traced once at three small sizes and verified at a fourth, cached on
+disk, so any size up to 8192² and beyond costs nothing more), or, for strategies whose
+step changes with the size (``size_polynomial = False``) and sizes below the traced
+ones, by :func:`memtrain.memory.estimate.measure_step` at the size (~2 s on a CPU whatever
+the size; also cached). A line per estimate goes to ``progress``.
 
 Strategies that change no memory at all (e.g. ``tf32``) are detected by measurement:
 a strategy whose own estimate equals ``none``'s in every phase is *memory-neutral*,
 and a combination containing it reuses the estimate of the same combination without
-it. With k memory-changing strategies the planner measures at most 2^k combinations
-(the registry of the paper's strategies gives a few dozen); ``--jobs`` spreads them over
-processes.
+it. ``--jobs`` spreads estimates over processes.
 
 Order and choice: combinations are sorted by expected step-time cost — the product of
 each strategy's ``relative_time()`` (its declared ``time_cost``; 1.0 = the plain
-model's speed) — then by step peak. A combination *fits* when
-
-    step peak × (1 + ``fraction``) + ``headroom`` ≤ budget
-
-with, by default, ``fraction`` = 10 % (allocator block rounding and fragmentation: the
-caching allocator's reserve above its allocated peak) and ``headroom`` = 1 GiB (the
-CUDA context, cuDNN/cuBLAS workspaces and the pinned-memory and library buffers that
-never become tensors). The chosen plan is the first combination in that order that
-fits: the fastest expected one.
+model's speed) — then by step peak, and estimated in that order. A combination *fits*
+when what it needs by the headroom model (:mod:`memtrain.memory.headroom`: tensor peak
+plus kernel workspace, × (1 + fraction) + fixed; on CUDA ×1.10 + 1 GiB until
+``memtrain calibrate`` measures it) is at most the budget. The chosen plan is the first
+combination in that order that fits: the fastest expected one. With ``enough`` (the CLI's
+table), estimating stops once that many fit: the slower rest are not estimated
+(``skipped``) — they cannot be among the fastest that fit.
 """
 
 from __future__ import annotations
@@ -62,6 +62,7 @@ class Candidate:
     memory: StepMemory | None = None
     measured_as: str | None = None  # the combination whose estimate is reused (memory-neutral strategies left out)
     fits: bool | None = None
+    needed: int | None = None  # memory the step needs by the headroom model (memtrain.memory.headroom)
 
     def peak(self, phase: str) -> int | None:
         return None if self.memory is None else self.memory.peak(phase)
@@ -85,6 +86,7 @@ class Candidate:
             "backward_peak_mib": mib(self.peak("backward")),
             "optimizer_peak_mib": mib(self.peak("optimizer")),
             "step_peak_mib": mib(self.step_peak),
+            "needed_mib": mib(self.needed),
             "fits": self.fits,
             "reason": self.reason,
         }
@@ -189,15 +191,26 @@ class Planner:
         encoder: str = "resnet34",
         env=None,
         budget: int | None = None,
-        headroom: int = HEADROOM_BYTES,
-        fraction: float = HEADROOM_FRACTION,
+        headroom: int | None = None,
+        fraction: float | None = None,
+        headroom_model=None,
         jobs: int = 1,
         extrapolate: bool = True,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self.size, self.batch_size, self.encoder = size, batch_size, encoder
         self.env = env or default_target()
-        self.budget, self.headroom, self.fraction = budget, headroom, fraction
+        from dataclasses import replace
+
+        from memtrain.memory.headroom import model_for
+
+        model = headroom_model or model_for(self.env.device)
+        if headroom is not None:
+            model = replace(model, fixed=headroom, source=f"{model.source}; fixed part from --headroom")
+        if fraction is not None:
+            model = replace(model, fraction=fraction)
+        self.budget, self.model = budget, model
+        self.headroom, self.fraction = model.fixed, model.fraction
         self.jobs = max(1, jobs)
         self.extrapolate = extrapolate
         self.progress = progress  # called with one line per combination estimated (None: silent)
@@ -304,14 +317,16 @@ class Planner:
     def _settle(self, c: Candidate, result: StepMemory | str) -> None:
         if isinstance(result, StepMemory):
             c.memory = result
+            c.needed = self.model.needed(result)
             if self.budget is not None:
-                c.fits = self.required(result.step_peak) <= self.budget
+                c.fits = c.needed <= self.budget
         else:
             c.status, _, c.reason = result.partition(": ")
             c.status = "rejected" if c.status == "rejected" else "error"
 
     def required(self, step_peak: int) -> int:
-        return required_bytes(step_peak, self.headroom, self.fraction)
+        """What a step of ``step_peak`` tensor bytes needs by the headroom model, without its workspace term."""
+        return self.model.needed_for(step_peak)
 
     def plan(self, combos: list[str] | None = None, *, enough: int | None = None) -> list[Candidate]:
         """Every candidate estimated (see :meth:`estimate` for ``enough``), sorted: measured ones by (cost, step peak), then the rest."""
