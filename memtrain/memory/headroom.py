@@ -7,7 +7,8 @@ A step of tensor peak ``T_phase`` (the fake-tensor estimate, per phase) on ``B``
 
 * ``workspace_phase`` (bytes per image pixel): kernel working memory that never becomes a
   tensor and grows with the image — oneDNN convolution workspaces and reorders on a CPU;
-  on CUDA what the allocator holds for cuDNN beyond the tensors.
+  on CUDA what the allocator holds for cuDNN beyond the tensors. A model may give
+  ``<phase>@16-bit`` for plans with ``amp`` (16-bit kernels need less).
 * ``fraction``: the allocator's rounding and fragmentation, above the peak.
 * ``fixed``: what does not grow with the image: the CUDA context, library handles.
 
@@ -29,11 +30,14 @@ from pathlib import Path
 from memtrain.errors import ConfigError
 
 PHASE_NAMES = ("forward", "backward", "optimizer")
-# oneDNN working memory of a CPU step, bytes per image pixel, per phase. Measured (torch 2.14.1, 2 threads):
-# process peak RSS of a real `none` step at 512² minus the same at 64², less the tensor estimate's increase
-# (forward 517 − 383 MiB, backward 550 − 306 MiB), over 512² − 64² pixels; rerun:
-# `python benchmarks/cpu_workspace.py` (benchmarks/results/cpu_workspace.md).
-CPU_WORKSPACE = {"forward": 540.0, "backward": 985.0, "optimizer": 0.0}
+# oneDNN working memory of a CPU step, bytes per image pixel, per phase; "<phase>@16-bit" for plans with amp.
+# Measured on this project's 2-core machine (torch 2.14.1, 2 threads, native bf16 CPU kernels): the process's
+# peak RSS in a real step at 512² minus the same at 64² (one process, 64² first), less the tensor estimate's
+# increase, over 512² − 64² pixels, plus 5 %:
+#   none:                forward 517 − 383 = 134 MiB (545 B/px), backward 550 − 306 = 244 MiB (992 B/px)
+#   amp,checkpoint:full: forward 118 − 63 = 55 MiB (224 B/px),   backward 173 − 39 = 134 MiB (545 B/px)
+# Two plan families only: other plans use the nearest (by precision); tests/test_memory_process.py remeasures both.
+CPU_WORKSPACE = {"forward": 572.0, "backward": 1041.0, "optimizer": 0.0, "forward@16-bit": 235.0, "backward@16-bit": 572.0, "optimizer@16-bit": 0.0}
 FORMAT = 1
 
 
@@ -50,7 +54,14 @@ class HeadroomModel:
     def bound(self, memory) -> int:
         """The step's memory before fraction and fixed: the largest phase's tensor peak plus its workspace."""
         pixels = memory.batch_size * memory.size * memory.size
-        return max(memory.peak(p) + math.ceil(self.workspace.get(p, 0.0) * pixels) for p in PHASE_NAMES if p in memory.phases)
+        low = any(s.split(":")[0] == "amp" for s in memory.strategies.split(","))
+        return max(memory.peak(p) + math.ceil(self.per_pixel(p, low) * pixels) for p in PHASE_NAMES if p in memory.phases)
+
+    def per_pixel(self, phase: str, low_precision: bool = False) -> float:
+        """Workspace bytes per pixel of ``phase``; ``<phase>@16-bit`` for plans with amp where the model has it."""
+        if low_precision and f"{phase}@16-bit" in self.workspace:
+            return self.workspace[f"{phase}@16-bit"]
+        return self.workspace.get(phase, 0.0)
 
     def needed(self, memory) -> int:
         return self.needed_for(self.bound(memory))
@@ -61,7 +72,8 @@ class HeadroomModel:
     def describe(self) -> str:
         from memtrain.memory.units import fmt_bytes
 
-        ws = ", ".join(f"{p} {v:.0f} B/px" for p, v in self.workspace.items() if v)
+        ws = ", ".join(f"{p} {v:.0f}" for p, v in self.workspace.items() if v)
+        ws = ws and ws + " B/px"
         return f"step peak{' + workspace (' + ws + ')' if ws else ''} x {1 + self.fraction:.2f} + {fmt_bytes(self.fixed)} ({self.source})"
 
     def to_json(self) -> str:
