@@ -184,7 +184,7 @@ def choose_strategies(cfg: FitConfig, env) -> list[str]:
     if budget <= planner.headroom:
         raise StrategyError(
             f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget}: it is not more than the {fmt_bytes(planner.headroom)}"
-            " headroom kept for the CUDA context and workspaces"
+            f" headroom kept for what is not the step's tensors ({planner.model.source})"
         )
     best = planner.choose()
     if best is None:
