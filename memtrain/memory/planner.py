@@ -168,7 +168,12 @@ def estimate_memory(combo: str, *, size: int, batch_size: int, encoder: str, env
             why = f"below {scaling.SIZES[0]} px"
         else:
             cached = scaling.load(key) is not None
-            model = scaling.size_model(combo, batch_size=batch_size, encoder=encoder, env=env)
+            try:
+                model = scaling.size_model(combo, batch_size=batch_size, encoder=encoder, env=env)
+            except MemtrainError:
+                raise
+            except Exception as e:  # a trace at the small sizes failed: the size itself decides
+                model = f"tracing at {scaling.SIZES[0]}-{scaling.VERIFY_SIZE} px failed ({e.__class__.__name__})"
             if isinstance(model, scaling.SizeModel):
                 return model.at(size, strategies=plan.label, batch_size=batch_size, device=env.device), "size model" + (" (cached)" if cached else "")
             why = model
