@@ -35,7 +35,7 @@ PHASE_NAMES = ("forward", "backward", "optimizer")
 # increase, over 512² − 64² pixels. The measured increase varies between identical runs (none: 523 and 552 MiB;
 # amp,checkpoint:full: 155, 270 and 300 MiB), so one table bounds both plans' largest runs with about 10 % to spare:
 #   none: forward 517 − 383 = 134 MiB (545 B/px), backward 552 − 306 = 246 MiB (1,000 B/px);
-#   amp,checkpoint:full (300 MiB run): backward 300 − 39 + 390 − 412 ≈ 239 MiB above its tensors (≈ 1,200 B/px).
+#   amp,checkpoint:full (300 MiB run): needs backward 300 + 390 − 412 = 278 MiB above its 512² tensors (1,112 B/px).
 CPU_WORKSPACE = {"forward": 650.0, "backward": 1300.0, "optimizer": 0.0}
 # A CPU process's resident memory that is not the step's tensors and does not grow with the image (torch, oneDNN
 # and Lightning code and buffers, the interpreter): a real `none` step at 64² peaked at 1,152 MiB RSS for 390 MiB of tensors.
