@@ -46,3 +46,20 @@ def test_planner_uses_cached_models_and_measures_size_dependent_strategies_direc
     assert "measured at the size (its events depend on the size)" in lines[-1]
     _, how = estimate_memory("quant", size=1024, batch_size=1, encoder="resnet18", env=GPU)
     assert how.startswith("measured at the size (cached")
+
+
+def test_rejections_are_grouped_one_line_per_reason():
+    from memtrain.cli.plan import grouped_rejections
+    from memtrain.memory.planner import Candidate
+
+    why = "quant:int8 and offload both replace what autograd saves"
+    cands = [
+        Candidate(c, c, 1.0, status="rejected", reason=f"--strategies {c}: {why}")
+        for c in ("quant,offload", "amp,quant,offload", "quant,offload,tf32", "quant,offload,momentum")
+    ]
+    cands.append(Candidate("amp,ddp", "amp,ddp", 1.0, status="rejected", reason="ddp: runs several processes"))
+    lines = grouped_rejections(cands)
+    assert lines == [
+        f"rejected (4): {why}: quant,offload; amp,quant,offload; quant,offload,tf32; ... (1 more)",
+        "rejected (1): ddp: runs several processes: amp,ddp",
+    ]

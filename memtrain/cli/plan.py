@@ -185,10 +185,12 @@ def format_plan(cands, best, planner, args, how: str) -> str:
 
 def grouped_rejections(cands) -> list[str]:
     """One line per reason for the combinations not estimated: the reason, how many, and the first few of them."""
+    import re
+
     groups: dict[tuple[str, str], list[str]] = {}
     for c in cands:
-        if c.memory is None:
-            groups.setdefault((c.status, c.reason), []).append(c.strategies)
+        if c.memory is None:  # the reason without the combination it names, so that one reason is one line
+            groups.setdefault((c.status, re.sub(r"^--strategies \S+: ", "", c.reason)), []).append(c.strategies)
     lines = []
     for (status, reason), combos in groups.items():
         listed = "; ".join(combos[:3]) + (f"; ... ({len(combos) - 3} more)" if len(combos) > 3 else "")
