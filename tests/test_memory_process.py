@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import cli_env
 
@@ -49,6 +50,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_cpu_estimate_bounds_the_measured_process_increase_at_512():
     # One real step (after a warm-up) at 64² and at 512² in a fresh process: the increase of its peak resident memory
     # is what the plan's CPU estimate (tensor peak + oneDNN workspace, memtrain.memory.headroom) must bound. The goal
