@@ -8,7 +8,8 @@ For each size, the baseline (``none``), the planner's best plan for ``--budget``
 * measured for real, each in a fresh process (the ``memtrain compare`` cell: one warm-up
   step left out, then ``--steps`` steps), with every backend of the device: ``tensor``
   (live tensor bytes), and on a GPU ``cuda`` (allocator ``alloc_peak``, ``reserved_peak``)
-  and ``nvml`` (``nvml_used_peak``, sampled).
+  and ``nvml`` (``nvml_used_peak``, sampled); on a CPU ``process`` (``process_peak``, the
+  process's peak resident memory in the phase).
 
 It prints one row per (size, strategies, phase) and the relative error of the estimate
 against the tensor count and against the allocator, and writes
@@ -52,6 +53,7 @@ COLUMNS = (
     "alloc_mib",
     "reserved_mib",
     "nvml_used_mib",
+    "process_mib",
     "est_vs_tensor_pct",
     "est_vs_alloc_pct",
 )
@@ -117,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                     "alloc_mib": f"{m['alloc_peak'] / MIB:.1f}" if "alloc_peak" in m else NEEDS_CUDA,
                     "reserved_mib": f"{m['reserved_peak'] / MIB:.1f}" if "reserved_peak" in m else NEEDS_CUDA,
                     "nvml_used_mib": f"{m['nvml_used_peak'] / MIB:.1f}" if "nvml_used_peak" in m else NEEDS_CUDA,
+                    "process_mib": f"{m['process_peak'] / MIB:.1f}" if "process_peak" in m else "",
                     "est_vs_tensor_pct": _pct(e, m["tensor_peak"]),
                     "est_vs_alloc_pct": _pct(e, m.get("alloc_peak")) if "alloc_peak" in m else NEEDS_CUDA,
                 }
@@ -148,8 +151,8 @@ def main(argv: list[str] | None = None) -> int:
         "",
         "Peaks in MiB per phase; errors are (estimate − measured) / measured.",
         "",
-        "| size | strategies | role | phase | estimate | tensor | alloc | reserved | nvml used | est vs tensor | est vs alloc |",
-        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| size | strategies | role | phase | estimate | tensor | alloc | reserved | nvml used | process (CPU RSS) | est vs tensor | est vs alloc |",
+        "|---:|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(

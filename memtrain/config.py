@@ -30,6 +30,10 @@ SIZE_MULTIPLE = 32
 LOSS_NAMES = ("msssim", "msssim:reference")
 # `--strategies auto`: the planner picks the fastest combination that fits --memory-budget.
 AUTO = "auto"
+# `memtrain export` defaults, here so that building the command line never imports torch.
+EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_ATOL = 1e-4
+EXPORT_SIZE = 128
 
 
 def opt(

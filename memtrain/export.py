@@ -53,19 +53,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from memtrain.config import SIZE_MULTIPLE, check_size
+from memtrain.config import EXPORT_ATOL, EXPORT_FORMATS, EXPORT_SIZE, SIZE_MULTIPLE, check_size
 from memtrain.errors import ConfigError, MemtrainError, StrategyError
 from memtrain.inference import Trained, load_trained
 from memtrain.rundir import atomic_write_bytes, atomic_write_text, check_writable
 from memtrain.strategies.base import Stage
 
-FORMATS = ("onnx", "torchscript")
+FORMATS = EXPORT_FORMATS
 FILES = {"onnx": "model.onnx", "torchscript": "model.pt"}
 INT8_FILES = {"onnx": "model.int8.onnx", "torchscript": "model.int8.pt"}
 PLATFORMS = {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch"}
 TENSOR_NAMES = {"onnx": ("image", "enhanced"), "torchscript": ("INPUT__0", "OUTPUT__0")}
-DEFAULT_ATOL = 1e-4
-DEFAULT_SIZE = 128
+DEFAULT_ATOL = EXPORT_ATOL
+DEFAULT_SIZE = EXPORT_SIZE
 OPSET = 18
 # Largest side the ONNX export declares (32 * 2048 = 65536 px); only a bound for torch.export.
 MAX_SIDE_BLOCKS = 2048

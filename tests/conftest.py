@@ -136,3 +136,9 @@ def trained_checkpoint(tmp_path_factory) -> Path:
     cfg.run.out = str(tmp_path_factory.mktemp("trained") / "run")
     run_dir = fit(cfg)
     return run_dir / "checkpoints" / "best.ckpt"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _plan_cache(tmp_path_factory):
+    """`memtrain plan`'s estimate cache in a temporary folder, never the user's (subprocesses inherit it)."""
+    os.environ["MEMTRAIN_CACHE_DIR"] = str(tmp_path_factory.mktemp("memtrain-cache"))

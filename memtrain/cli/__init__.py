@@ -14,7 +14,7 @@ import warnings
 
 from memtrain.errors import MemtrainError
 
-SUBCOMMANDS = ("fit", "plan", "compare", "enhance", "export", "strategies")
+SUBCOMMANDS = ("fit", "plan", "calibrate", "compare", "enhance", "export", "strategies")
 
 
 class UsageError(MemtrainError):

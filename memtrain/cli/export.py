@@ -21,7 +21,9 @@ EPILOG = """examples:
 
 
 def add_parser(sub) -> None:
-    from memtrain.export import DEFAULT_ATOL, DEFAULT_SIZE, FORMATS
+    from memtrain.config import EXPORT_ATOL as DEFAULT_ATOL
+    from memtrain.config import EXPORT_FORMATS as FORMATS
+    from memtrain.config import EXPORT_SIZE as DEFAULT_SIZE
 
     p = sub.add_parser(
         "export",

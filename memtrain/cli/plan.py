@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 from memtrain.config import LOSS_NAMES, check_size
 from memtrain.errors import ConfigError
@@ -16,8 +17,12 @@ EPILOG = """examples:
   memtrain plan --size 4096 --budget 8GiB
   memtrain plan --size 2048 --budget 24GB --batch-size 2 --json
   memtrain plan --size 1024 --strategies "none;amp;amp,tf32"
-fits: step peak x (1 + 10 %) + headroom (default 1 GiB: CUDA context and workspaces) <= budget.
+fits: what the step needs by the headroom model <= budget (CUDA: step peak x 1.10 + 1 GiB until `memtrain calibrate`
+measures it on the GPU; CPU: step peak + oneDNN workspace per pixel; see memtrain.memory.headroom).
 units: KiB/MiB/GiB (and K/M/G) are powers of 1024, kB/MB/GB powers of 1000."""
+
+
+SHOWN = 10  # rows of the table without --all: the fastest that fit
 
 
 def add_parser(sub) -> None:
@@ -38,10 +43,15 @@ def add_parser(sub) -> None:
         "--strategies",
         help="';'-separated combinations to consider instead of all of them (every checkpoint granularity, quant:int8, offload on CUDA; no torchrun placements), e.g. 'none;amp;amp,tf32'",
     )
-    p.add_argument("--headroom", default="1GiB", help="memory kept free for the CUDA context and workspaces [default: 1GiB]")
+    p.add_argument("--headroom", help="memory kept free for the CUDA context and workspaces [default: the headroom model's fixed part]")
+    p.add_argument(
+        "--headroom-model", metavar="FILE", help="headroom model file (JSON, see memtrain calibrate) [default: the calibrated one if any, else the default]"
+    )
     p.add_argument("--max-size", type=int, default=None, help="largest number of strategies in one combination [default: all]")
     p.add_argument("--jobs", type=int, default=1, help="processes estimating in parallel [default: 1]")
-    p.add_argument("--json", action="store_true", help="print a JSON list of objects instead of the table")
+    p.add_argument("--all", action="store_true", help="estimate and list every combination, not only the 10 fastest that fit")
+    p.add_argument("--json", action="store_true", help="print a JSON list of every combination (as --all) instead of the table")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     p.set_defaults(run=run)
 
 
@@ -84,18 +94,31 @@ def run(args: argparse.Namespace) -> int:
     if args.max_size is not None and args.max_size < 1:
         raise ConfigError(f"--max-size {args.max_size}: expected a positive number")
     budget = parse_bytes(args.budget, "--budget") if args.budget is not None else None
-    headroom = parse_bytes(args.headroom, "--headroom")
+    headroom = parse_bytes(args.headroom, "--headroom") if args.headroom is not None else None
     combos = parse_combos(args.strategies)
     _check_encoder(args.encoder)
     env, how = target_environment(args.device)
+    from memtrain.memory.headroom import model_for
+
+    model = model_for(env.device, args.headroom_model)
+    progress = None if args.quiet else (lambda line: print(f"memtrain plan: {line}", file=sys.stderr, flush=True))
     planner = Planner(
-        size=args.size, batch_size=args.batch_size, encoder=args.encoder, loss=args.loss, env=env, budget=budget, headroom=headroom, jobs=args.jobs
+        size=args.size,
+        batch_size=args.batch_size,
+        encoder=args.encoder,
+        loss=args.loss,
+        env=env,
+        budget=budget,
+        headroom=headroom,
+        headroom_model=model,
+        jobs=args.jobs,
+        progress=progress,
     )
     if combos is None and args.max_size is not None:
         from memtrain.memory.planner import combinations
 
         combos = combinations(max_size=args.max_size, env=env)
-    cands = planner.plan(combos)
+    cands = planner.plan(combos, enough=None if args.all or args.json else SHOWN)
     best = chosen(cands)
     if args.json:
         rows = [c.as_dict(args.size, args.batch_size) | {"chosen": c is best} for c in cands]
@@ -121,32 +144,35 @@ def format_plan(cands, best, planner, args, how: str) -> str:
     target = env.device + (f", {how}" if how != "detected" else "")
     lines = [f"memtrain plan: U-Net {args.encoder}, loss {args.loss}, {args.size}x{args.size}, batch {args.batch_size}, target {target}"]
     if planner.budget is not None:
-        usable = (planner.budget - planner.headroom) / (1 + planner.fraction)
-        lines.append(
-            f"budget {fmt_bytes(planner.budget)}: fits if step peak x {1 + planner.fraction:.2f} + {fmt_bytes(planner.headroom)} headroom"
-            f" <= budget, i.e. step peak <= {fmt_bytes(max(0, usable))}"
-        )
+        lines.append(f"budget {fmt_bytes(planner.budget)}: fits if needed <= budget; needed = {planner.model.describe()}")
     lines.append("estimated with fake tensors (tensor backend: live tensor bytes); sorted by expected step time relative to 'none'")
-    header = ["strategies", "time cost", "forward MiB", "backward MiB", "optimizer MiB", "step peak MiB", "fits"]
+    header = ["strategies", "time cost", "forward MiB", "backward MiB", "optimizer MiB", "step peak MiB", "needed MiB", "fits"]
+    measured = [c for c in cands if c.memory is not None]
+    shown = measured if args.all or planner.budget is None else [c for c in measured if c.fits][:SHOWN]
     rows = []
-    for c in cands:
-        if c.memory is None:
-            continue
+    for c in shown:
         fits = "-" if c.fits is None else ("yes" if c.fits else "no")
         if c is best:
             fits += "  <- chosen"
         name = c.strategies + (f" (= {c.measured_as})" if c.measured_as else "")
         rows.append(
-            [name, f"x{c.time_cost:.2f}", *(f"{c.peak(p) / MIB:,.0f}" for p in ("forward", "backward", "optimizer")), f"{c.step_peak / MIB:,.0f}", fits]
+            [
+                name,
+                f"x{c.time_cost:.2f}",
+                *(f"{c.peak(p) / MIB:,.0f}" for p in ("forward", "backward", "optimizer")),
+                f"{c.step_peak / MIB:,.0f}",
+                f"{c.needed / MIB:,.0f}",
+                fits,
+            ]
         )
+    if shown is not measured:
+        lines.append(f"the {len(shown)} fastest that fit of {len(measured)} estimated (--all: every combination)")
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     for row in [header, *rows]:
-        lines.append("  ".join(cell.ljust(w) if i in (0, 6) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
-    if any(c.measured_as for c in cands):
+        lines.append("  ".join(cell.ljust(w) if i in (0, 7) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
+    if any(c.measured_as for c in shown):
         lines.append("(= X): same memory as X — the other strategies change no memory, measured alone")
-    for c in cands:
-        if c.memory is None:
-            lines.append(f"not estimated: {c.strategies}: {c.status}: {c.reason}")
+    lines.extend(grouped_rejections(cands))
     if args.strategies is None:
         from memtrain.memory.planner import left_out
 
@@ -157,7 +183,22 @@ def format_plan(cands, best, planner, args, how: str) -> str:
             lines.append(f"nothing fits in {fmt_bytes(planner.budget)}: lower --size or --batch-size, or find more memory")
         else:
             lines.append(
-                f"fastest that fits: {best.strategies} (step peak {fmt_bytes(best.step_peak)}, needs {fmt_bytes(planner.required(best.step_peak))};"
+                f"fastest that fits: {best.strategies} (step peak {fmt_bytes(best.step_peak)}, needs {fmt_bytes(best.needed)};"
                 f" expected step time x{best.time_cost:.2f})"
             )
     return "\n".join(lines)
+
+
+def grouped_rejections(cands) -> list[str]:
+    """One line per reason for the combinations not estimated: the reason, how many, and the first few of them."""
+    import re
+
+    groups: dict[tuple[str, str], list[str]] = {}
+    for c in cands:
+        if c.memory is None:  # the reason without the combination it names, so that one reason is one line
+            groups.setdefault((c.status, re.sub(r"^--strategies \S+: ", "", c.reason)), []).append(c.strategies)
+    lines = []
+    for (status, reason), combos in groups.items():
+        listed = "; ".join(combos[:3]) + (f"; ... ({len(combos) - 3} more)" if len(combos) > 3 else "")
+        lines.append(f"{status} ({len(combos)}): {reason}: {listed}")
+    return lines

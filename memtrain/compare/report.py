@@ -4,7 +4,7 @@ Every row is one (strategies, size) cell. ``forward_peak_mib``, ``backward_peak_
 and ``step_peak_mib`` (the largest of the forward, backward and optimizer phases) come
 from the backend named in ``backend``: ``cuda`` (the allocator's ``alloc_peak``) on a
 GPU, else ``tensor`` (live tensor bytes); the other backends' peaks are in their own
-columns (``tensor_*``, ``reserved_*``, ``nvml_used_*``). Ratios divide by the ``none``
+columns (``tensor_*``, ``reserved_*``, ``nvml_used_*``, and on CPU ``process_*``: the process's peak resident memory). Ratios divide by the ``none``
 row of the same size; the Markdown table shows them as reductions, 1 − ratio, in %.
 """
 
@@ -42,6 +42,7 @@ COLUMNS = (
     "tensor_step_peak_mib",
     "reserved_step_peak_mib",
     "nvml_used_step_peak_mib",
+    "process_step_peak_mib",
     "alloc_retries",
     "ooms",
     "device",
@@ -49,7 +50,7 @@ COLUMNS = (
     *torchrun.COLUMNS,
 )
 # (column prefix, tracker metric) of the backends reported beside the main one.
-EXTRA = (("tensor", "tensor_peak"), ("reserved", "reserved_peak"), ("nvml_used", "nvml_used_peak"))
+EXTRA = (("tensor", "tensor_peak"), ("reserved", "reserved_peak"), ("nvml_used", "nvml_used_peak"), ("process", "process_peak"))
 
 
 def _mib(v) -> float | None:

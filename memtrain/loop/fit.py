@@ -248,23 +248,28 @@ def choose_strategies(cfg: FitConfig, env) -> list[str]:
     from memtrain.memory.units import fmt_bytes, parse_bytes
 
     budget = parse_bytes(cfg.memory.budget, "--memory-budget")
-    planner = Planner(size=cfg.data.size, batch_size=cfg.train.batch_size, encoder=cfg.model.encoder, loss=cfg.loss, env=env, budget=budget)
+    import sys
+
+    def progress(line: str) -> None:
+        print(f"memtrain: --strategies auto: estimated {line}", file=sys.stderr, flush=True)
+
+    planner = Planner(size=cfg.data.size, batch_size=cfg.train.batch_size, encoder=cfg.model.encoder, loss=cfg.loss, env=env, budget=budget, progress=progress)
     if budget <= planner.headroom:
         raise StrategyError(
             f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget}: it is not more than the {fmt_bytes(planner.headroom)}"
-            " headroom kept for the CUDA context and workspaces"
+            f" headroom kept for what is not the step's tensors ({planner.model.source})"
         )
     best = planner.choose()
     if best is None:
         measured = [c for c in planner.measured if c.memory is not None]
         least = min(measured, key=lambda c: c.step_peak, default=None)
-        hint = f"; the smallest, {least.strategies}, needs {fmt_bytes(planner.required(least.step_peak))}" if least else ""
+        hint = f"; the smallest, {least.strategies}, needs {fmt_bytes(least.needed)} by the headroom model" if least else ""
         raise StrategyError(
             f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget} at --size {cfg.data.size},"
             f" --batch-size {cfg.train.batch_size}{hint} (see `memtrain plan --size {cfg.data.size} --budget {cfg.memory.budget}`)"
         )
     print(
-        f"memtrain: --strategies auto: {best.strategies} (estimated step peak {fmt_bytes(best.step_peak)}, needs {fmt_bytes(planner.required(best.step_peak))}"
+        f"memtrain: --strategies auto: {best.strategies} (estimated step peak {fmt_bytes(best.step_peak)}, needs {fmt_bytes(best.needed)}"
         f" of {fmt_bytes(budget)}; expected step time x{best.time_cost:.2f} of 'none')",
         flush=True,
     )

@@ -43,6 +43,8 @@ class StepMemory:
     block_params: dict[str, int] = field(default_factory=dict)  # parameter + buffer bytes per block
     device: str = "cpu"  # the target device the step was measured for
     loss: float | None = None  # the last step's loss (real runs only)
+    events: dict[str, list[list[int]]] = field(default_factory=dict)  # per phase, the live bytes' local maxima (measure_sizes)
+    step_start: int = 0  # tensor bytes alive when the step began (what tensor_increase is above)
 
     def peak(self, phase: str, metric: str = "tensor_peak") -> int:
         return self.phases[phase][metric]
@@ -85,6 +87,27 @@ def measure_step(
     (``fake=False``) use every backend of the device (``tensor``, and ``cuda`` and
     ``nvml`` on a GPU) unless ``backends`` says otherwise; fake runs only ``tensor``.
     """
+    sizes = [size] * steps
+    return _run_steps(strategies, sizes=sizes, batch_size=batch_size, encoder=encoder, loss=loss, fake=fake, env=env, blocks=blocks, backends=backends, first=steps - 1)[0]
+
+
+def measure_sizes(
+    strategies: str | Iterable[str] = "none", *, sizes: Iterable[int], batch_size: int = 1, encoder: str = "resnet34", loss: str = "msssim", env=None
+) -> list[StepMemory]:
+    """One fake-tensor estimate per size in ``sizes``, with each phase's :attr:`StepMemory.events`, from one model.
+
+    A warm-up step at the first size creates the optimizer state and the gradients; then one
+    step runs at each size. Parameters, gradients and the optimizer state do not depend on
+    the image size, so each of these steps holds what :func:`measure_step` measures at its size
+    (:mod:`memtrain.memory.scaling` checks it against a further size; the tests against
+    :func:`measure_step`).
+    """
+    sizes = list(sizes)
+    return _run_steps(strategies, sizes=[sizes[0], *sizes], batch_size=batch_size, encoder=encoder, loss=loss, fake=True, env=env, blocks=False, events=True, first=1)
+
+
+def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, env, blocks, backends=None, events=False, first=0) -> list[StepMemory]:
+    """Steps at ``sizes`` (one each) on one model; the StepMemory of each step from index ``first`` on."""
     import contextlib
 
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -92,6 +115,7 @@ def measure_step(
     from memtrain.memory.blocks import block_parameters
     from memtrain.memory.step import TrainStep
     from memtrain.strategies import Environment, Plan
+    from memtrain.strategies.amp import count_working_copies
 
     env = env or Environment(device="cpu", native_bf16=False)
     plan = Plan.resolve(strategies, env)
@@ -105,19 +129,40 @@ def measure_step(
     torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     if backends is None:
         backends = ("tensor",) if fake else None
-    tracker = MemoryTracker(torch_device, backends=backends, blocks=blocks)
+    tracker = MemoryTracker(torch_device, backends=backends, blocks=blocks, events=events)
+    tensor = next((b for b in tracker.backends if b.name == "tensor"), None)
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    # A CPU target's 16-bit convolutions run as float32 ones (memtrain.strategies.amp): count those copies.
+    copies = count_working_copies(tensor.counter.track) if env.device == "cpu" and tensor is not None else contextlib.nullcontext()
+    out: list[StepMemory] = []
     try:
-        with fake_mode, run_plan.session():
+        with fake_mode, copies, run_plan.session():
             train = TrainStep(run_plan, model_cfg=ModelConfig(encoder=encoder), loss=loss, device=torch_device, foreach=env.device == "cuda", scaler=not fake)
-            x = torch.rand(batch_size, 1, size, size, device=torch_device)
-            y = torch.rand(batch_size, 1, size, size, device=torch_device)
-            for step in range(steps):
-                loss = train(tracker, x, y, step=step)
             params = block_parameters(train.model) if blocks else {}
-            loss_value = None if fake else float(loss)
+            for step, size in enumerate(sizes):
+                x = torch.rand(batch_size, 1, size, size, device=torch_device)
+                y = torch.rand(batch_size, 1, size, size, device=torch_device)
+                step_loss = train(tracker, x, y, step=step)
+                del x, y
+                if step < first:
+                    continue
+                phases = {r.phase: dict(r.metrics) for r in tracker.records if r.step == step}
+                loss_value = None if fake else float(step_loss)
+                out.append(
+                    StepMemory(
+                        plan.label,
+                        size,
+                        batch_size,
+                        fake,
+                        phases,
+                        tracker.blocks.get(step, {}),
+                        params,
+                        env.device,
+                        loss_value,
+                        dict(tensor.phase_events) if events else {},
+                        tensor.step_start_bytes if tensor is not None else 0,
+                    )
+                )
     finally:
         tracker.close()
-    last = max(r.step for r in tracker.records)
-    phases = {r.phase: dict(r.metrics) for r in tracker.records if r.step == last}
-    return StepMemory(plan.label, size, batch_size, fake, phases, tracker.blocks.get(last, {}), params, env.device, loss_value)
+    return out

@@ -8,28 +8,28 @@ since those run several processes). What is left out is listed with the reason
 (:func:`left_out`). Each combination is resolved for the target environment first;
 combinations that :meth:`Plan.resolve` rejects are listed with the reason and never
 measured. The rest
-are measured with :func:`memtrain.memory.estimate.measure_step` under fake tensors: the
-exact tensor bytes of the fit's training step, nothing allocated, ~1-3 s each on a
-CPU whatever the image size.
+are estimated with fake tensors — nothing is allocated — by :func:`estimate_memory`: from
+the combination's *size model* (:mod:`memtrain.memory.scaling`: exact per-event quadratics
+in the image side, traced once at three small sizes and verified at a fourth, cached on
+disk, so any size up to 8192² and beyond costs nothing more), or, for strategies whose
+step changes with the size (``size_polynomial = False``) and sizes below the traced
+ones, by :func:`memtrain.memory.estimate.measure_step` at the size (~2 s on a CPU whatever
+the size; also cached). A line per estimate goes to ``progress``.
 
 Strategies that change no memory at all (e.g. ``tf32``) are detected by measurement:
 a strategy whose own estimate equals ``none``'s in every phase is *memory-neutral*,
 and a combination containing it reuses the estimate of the same combination without
-it. With k memory-changing strategies the planner measures at most 2^k combinations
-(the registry of the paper's strategies gives a few dozen); ``--jobs`` spreads them over
-processes.
+it. ``--jobs`` spreads estimates over processes.
 
 Order and choice: combinations are sorted by expected step-time cost — the product of
 each strategy's ``relative_time()`` (its declared ``time_cost``; 1.0 = the plain
-model's speed) — then by step peak. A combination *fits* when
-
-    step peak × (1 + ``fraction``) + ``headroom`` ≤ budget
-
-with, by default, ``fraction`` = 10 % (allocator block rounding and fragmentation: the
-caching allocator's reserve above its allocated peak) and ``headroom`` = 1 GiB (the
-CUDA context, cuDNN/cuBLAS workspaces and the pinned-memory and library buffers that
-never become tensors). The chosen plan is the first combination in that order that
-fits: the fastest expected one.
+model's speed) — then by step peak, and estimated in that order. A combination *fits*
+when what it needs by the headroom model (:mod:`memtrain.memory.headroom`: tensor peak
+plus kernel workspace, × (1 + fraction) + fixed; on CUDA ×1.10 + 1 GiB until
+``memtrain calibrate`` measures it) is at most the budget. The chosen plan is the first
+combination in that order that fits: the fastest expected one. With ``enough`` (the CLI's
+table), estimating stops once that many fit: the slower rest are not estimated
+(``skipped``) — they cannot be among the fastest that fit.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from __future__ import annotations
 import itertools
 import math
 import os
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from memtrain.errors import MemtrainError
@@ -60,6 +62,7 @@ class Candidate:
     memory: StepMemory | None = None
     measured_as: str | None = None  # the combination whose estimate is reused (memory-neutral strategies left out)
     fits: bool | None = None
+    needed: int | None = None  # memory the step needs by the headroom model (memtrain.memory.headroom)
 
     def peak(self, phase: str) -> int | None:
         return None if self.memory is None else self.memory.peak(phase)
@@ -83,6 +86,7 @@ class Candidate:
             "backward_peak_mib": mib(self.peak("backward")),
             "optimizer_peak_mib": mib(self.peak("optimizer")),
             "step_peak_mib": mib(self.step_peak),
+            "needed_mib": mib(self.needed),
             "fits": self.fits,
             "reason": self.reason,
         }
@@ -129,17 +133,56 @@ def required_bytes(step_peak: int, headroom: int = HEADROOM_BYTES, fraction: flo
     return math.ceil(step_peak * (1.0 + fraction)) + headroom
 
 
-def _measure(args: tuple) -> StepMemory | str:
-    """Worker: an estimate, or the error text (a failing strategy must not stop the plan)."""
-    combo, size, batch_size, encoder, loss, env = args
+def _measure(args: tuple) -> tuple[StepMemory | str, str, float]:
+    """Worker: (an estimate or the error text, how it was obtained, seconds); a failing strategy must not stop the plan."""
+    combo, size, batch_size, encoder, loss, env, extrapolate = args
+    start = time.perf_counter()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return measure_step(combo, size=size, batch_size=batch_size, encoder=encoder, loss=loss, fake=True, env=env, blocks=False)
+            memory, how = estimate_memory(combo, size=size, batch_size=batch_size, encoder=encoder, loss=loss, env=env, extrapolate=extrapolate)
+            return memory, how, time.perf_counter() - start
     except MemtrainError as e:
-        return f"rejected: {e}"
+        return f"rejected: {e}", "failed", time.perf_counter() - start
     except Exception as e:
-        return f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        return f"error: {e.__class__.__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}", "failed", time.perf_counter() - start
+
+
+def estimate_memory(combo: str, *, size: int, batch_size: int, encoder: str, loss: str = "msssim", env, extrapolate: bool = True) -> tuple[StepMemory, str]:
+    """``combo``'s step at ``size`` with fake tensors, and how: from its size model (memtrain.memory.scaling) or measured at the size.
+
+    Both are cached on disk; the size model is used when every strategy declares
+    ``size_polynomial``, the size is on the model's range (≥ its smallest traced size) and the
+    model was verified; otherwise :func:`measure_step` runs at ``size``.
+    """
+    from memtrain.memory import scaling
+    from memtrain.strategies import Plan
+
+    plan = Plan.resolve(combo, env)
+    key = scaling.cache_key(combo, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
+    why = "extrapolation off"
+    if extrapolate:
+        if not all(type(s).size_polynomial for s in plan.strategies):
+            why = "its events depend on the size"
+        elif size < scaling.SIZES[0]:
+            why = f"below {scaling.SIZES[0]} px"
+        else:
+            cached = scaling.load(key) is not None
+            try:
+                model = scaling.size_model(combo, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
+            except MemtrainError:
+                raise
+            except Exception as e:  # a trace at the small sizes failed: the size itself decides
+                model = f"tracing at {scaling.SIZES[0]}-{scaling.VERIFY_SIZE} px failed ({e.__class__.__name__})"
+            if isinstance(model, scaling.SizeModel):
+                return model.at(size, strategies=plan.label, batch_size=batch_size, device=env.device), "size model" + (" (cached)" if cached else "")
+            why = model
+    memory = scaling.load_direct(key, size)
+    if memory is not None:
+        return memory, f"measured at the size (cached; {why})"
+    memory = measure_step(combo, size=size, batch_size=batch_size, encoder=encoder, loss=loss, fake=True, env=env, blocks=False)
+    scaling.store_direct(key, memory)
+    return memory, f"measured at the size ({why})"
 
 
 class Planner:
@@ -154,17 +197,33 @@ class Planner:
         loss: str = "msssim",
         env=None,
         budget: int | None = None,
-        headroom: int = HEADROOM_BYTES,
-        fraction: float = HEADROOM_FRACTION,
+        headroom: int | None = None,
+        fraction: float | None = None,
+        headroom_model=None,
         jobs: int = 1,
+        extrapolate: bool = True,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
         self.size, self.batch_size, self.encoder, self.loss = size, batch_size, encoder, loss
         self.env = env or default_target()
-        self.budget, self.headroom, self.fraction = budget, headroom, fraction
+        from dataclasses import replace
+
+        from memtrain.memory.headroom import model_for
+
+        model = headroom_model or model_for(self.env.device)
+        if headroom is not None:
+            model = replace(model, fixed=headroom, source=f"{model.source}; fixed part from --headroom")
+        if fraction is not None:
+            model = replace(model, fraction=fraction)
+        self.budget, self.model = budget, model
+        self.headroom, self.fraction = model.fixed, model.fraction
         self.jobs = max(1, jobs)
+        self.extrapolate = extrapolate
+        self.progress = progress  # called with one line per combination estimated (None: silent)
         self._cache: dict[str, StepMemory | str] = {}
         self.measured: list[Candidate] = []  # what choose() estimated
         self.neutral: set[str] = set()  # memory-neutral strategies found by estimate()
+        self.estimated = 0  # estimates made (progress lines)
 
     # -- candidates
     def candidates(self, combos: list[str] | None = None) -> list[Candidate]:
@@ -193,17 +252,26 @@ class Planner:
         todo = [c for c in dict.fromkeys(combos) if c not in self._cache]
         if not todo:
             return
-        args = [(c, self.size, self.batch_size, self.encoder, self.loss, self.env) for c in todo]
+        args = [(c, self.size, self.batch_size, self.encoder, self.loss, self.env, self.extrapolate) for c in todo]
         if self.jobs > 1 and len(todo) > 2:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
             workers = min(self.jobs, len(todo))
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker) as pool:
-                results = list(pool.map(_measure, args))
+                for combo, result in zip(todo, pool.map(_measure, args)):
+                    self._done(combo, result)
         else:
-            results = [_measure(a) for a in args]
-        self._cache.update(zip(todo, results))
+            for combo, a in zip(todo, args):
+                self._done(combo, _measure(a))
+
+    def _done(self, combo: str, result: tuple) -> None:
+        memory, how, seconds = result
+        self._cache[combo] = memory
+        self.estimated += 1
+        if self.progress is not None:
+            peak = f"step peak {memory.step_peak / MIB:,.0f} MiB" if isinstance(memory, StepMemory) else memory
+            self.progress(f"[{self.estimated}] {combo}: {peak}; {how}, {seconds:.1f} s")
 
     def _neutral(self, names: list[str]) -> set[str]:
         """Strategies whose own estimate equals ``none``'s in every phase (they change no memory)."""
@@ -220,19 +288,32 @@ class Planner:
                 neutral.add(name)
         return neutral
 
-    def estimate(self, candidates: list[Candidate]) -> list[Candidate]:
-        """Fill in every candidate's estimate and verdict (memory-neutral strategies reuse estimates)."""
+    def estimate(self, candidates: list[Candidate], *, enough: int | None = None) -> list[Candidate]:
+        """Fill in every candidate's estimate and verdict (memory-neutral strategies reuse estimates).
+
+        With ``enough`` and a budget, candidates are estimated in expected-cost order and the
+        estimating stops once ``enough`` of them fit: the slower rest cannot be among the
+        ``enough`` fastest that fit, and are marked ``skipped``.
+        """
         ok = [c for c in candidates if c.status == "ok"]
         singles = sorted({n for c in ok for n in c.strategies.split(",") if n != "none"})
         self.neutral = self._neutral(singles)
         for c in ok:
             c.measured_as = self._memory_key(c)
-        self._run([c.measured_as for c in ok])
-        for c in ok:
-            result = self._cache[c.measured_as]
-            if c.measured_as == c.strategies:
-                c.measured_as = None
-            self._settle(c, result)
+        fitting = 0
+        for _cost, group in itertools.groupby(sorted(ok, key=lambda c: c.time_cost), key=lambda c: c.time_cost):
+            group = list(group)
+            if enough is not None and self.budget is not None and fitting >= enough:
+                for c in group:
+                    c.status, c.reason, c.measured_as = "skipped", f"expected slower than the {enough} fastest that fit", None
+                continue
+            self._run([c.measured_as for c in group])
+            for c in group:
+                result = self._cache[c.measured_as]
+                if c.measured_as == c.strategies:
+                    c.measured_as = None
+                self._settle(c, result)
+                fitting += bool(c.fits)
         return candidates
 
     def _memory_key(self, c: Candidate) -> str:
@@ -242,18 +323,20 @@ class Planner:
     def _settle(self, c: Candidate, result: StepMemory | str) -> None:
         if isinstance(result, StepMemory):
             c.memory = result
+            c.needed = self.model.needed(result)
             if self.budget is not None:
-                c.fits = self.required(result.step_peak) <= self.budget
+                c.fits = c.needed <= self.budget
         else:
             c.status, _, c.reason = result.partition(": ")
             c.status = "rejected" if c.status == "rejected" else "error"
 
     def required(self, step_peak: int) -> int:
-        return required_bytes(step_peak, self.headroom, self.fraction)
+        """What a step of ``step_peak`` tensor bytes needs by the headroom model, without its workspace term."""
+        return self.model.needed_for(step_peak)
 
-    def plan(self, combos: list[str] | None = None) -> list[Candidate]:
-        """Every candidate estimated, sorted: measured ones by (cost, step peak), then rejected and failed ones."""
-        cands = self.estimate(self.candidates(combos))
+    def plan(self, combos: list[str] | None = None, *, enough: int | None = None) -> list[Candidate]:
+        """Every candidate estimated (see :meth:`estimate` for ``enough``), sorted: measured ones by (cost, step peak), then the rest."""
+        cands = self.estimate(self.candidates(combos), enough=enough)
         return sort_candidates(cands)
 
     def choose(self, combos: list[str] | None = None) -> Candidate | None:

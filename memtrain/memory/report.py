@@ -25,11 +25,24 @@ METRIC_ORDER = (
     "nvml_used_increase",
     "nvml_process_peak",
     "nvml_samples",
+    "process_peak",
+    "process_increase",
 )
 # Metrics that count events or samples, not bytes: written as integers, not MiB.
 COUNTS = ("alloc_retries", "ooms", "nvml_samples")
 # The end-of-run table: peaks and increases (the breakdown gets its own table).
-SUMMARY_METRICS = ("tensor_peak", "tensor_increase", "alloc_peak", "alloc_increase", "reserved_peak", "active_peak", "nvml_used_peak", "nvml_process_peak")
+SUMMARY_METRICS = (
+    "tensor_peak",
+    "tensor_increase",
+    "alloc_peak",
+    "alloc_increase",
+    "reserved_peak",
+    "active_peak",
+    "nvml_used_peak",
+    "nvml_process_peak",
+    "process_peak",
+    "process_increase",
+)
 
 
 def column(metric: str) -> str:

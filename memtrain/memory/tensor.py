@@ -29,6 +29,7 @@ against a GPU.
 
 from __future__ import annotations
 
+import bisect
 import threading
 import weakref
 from collections.abc import Iterable
@@ -69,6 +70,12 @@ class LiveTensorBytes:
         self.peak_by_category = dict.fromkeys(CATEGORIES, 0)
         self._peak_seq = 0
         self.owner = OUTSIDE  # set by block hooks while a block's forward runs
+        # Local maxima of the live bytes while recording (start_events .. finish_events): one
+        # snapshot [current, *current_by_category] at the start, before every release that
+        # follows an allocation, and at the end. Their maximum is the peak over that interval.
+        self.events: list[list[int]] | None = None
+        self._event_seqs: list[int] = []
+        self._rising = False
 
     def _storage(self, t: torch.Tensor):
         if t.device.type == "meta":  # meta tensors (e.g. offload's host copies under fake tensors) hold no memory
@@ -95,6 +102,7 @@ class LiveTensorBytes:
             self._refs[key] = _Entry(ref, nbytes, category, self._seq, self.owner)
             self.current += nbytes
             self.current_by_category[category] += nbytes
+            self._rising = True
             if self.current > self.peak:
                 self.peak = self.current
                 self.peak_by_category = dict(self.current_by_category)
@@ -118,13 +126,38 @@ class LiveTensorBytes:
                 if entry.seq <= self._peak_seq:
                     self.peak_by_category[entry.category] -= entry.nbytes
                     self.peak_by_category[category] += entry.nbytes
+                if self.events is not None:  # snapshots it was alive at move with it, as the peak's breakdown does
+                    a, b = 1 + CATEGORIES.index(entry.category), 1 + CATEGORIES.index(category)
+                    for i in range(bisect.bisect_left(self._event_seqs, entry.seq), len(self.events)):
+                        self.events[i][a] -= entry.nbytes
+                        self.events[i][b] += entry.nbytes
                 entry.category = category
         if entry is None:
             self.track(t, category)
 
+    def _snapshot(self) -> None:
+        self.events.append([self.current, *(self.current_by_category[c] for c in CATEGORIES)])
+        self._event_seqs.append(self._seq)
+        self._rising = False
+
+    def start_events(self) -> None:
+        """Begin recording the local maxima of the live bytes (see :attr:`events`)."""
+        with self._lock:
+            self.events, self._event_seqs = [], []
+            self._snapshot()
+
+    def finish_events(self) -> list[list[int]]:
+        """Stop recording; the snapshots ``[current, parameters, gradients, optimizer_state, activations]`` taken."""
+        with self._lock:
+            self._snapshot()
+            events, self.events, self._event_seqs = self.events, None, []
+            return events
+
     def _release(self, key: int) -> None:
         with self._lock:
             entry = self._refs.pop(key, None)
+            if entry is not None and self.events is not None and self._rising:
+                self._snapshot()
             if entry is not None:
                 self.current -= entry.nbytes
                 self.current_by_category[entry.category] -= entry.nbytes
@@ -190,9 +223,12 @@ class TensorBackend:
 
     name = "tensor"
 
-    def __init__(self, device: torch.device | None = None, *, blocks: bool = True) -> None:
+    def __init__(self, device: torch.device | None = None, *, blocks: bool = True, events: bool = False) -> None:
         self.counter = LiveTensorBytes(device.type if device is not None else None)
         self.blocks = blocks
+        self.record_events = events
+        self.phase_events: dict[str, list[list[int]]] = {}  # events=True: the last step's snapshots per phase
+        self.step_start_bytes = 0
         self._mode: TensorBytesMode | None = None
         self._step_start = 0
         self._objs: tuple = ()
@@ -202,7 +238,7 @@ class TensorBackend:
     def start_step(self, objs) -> None:
         self._objs = tuple(objs)
         self._classify()
-        self._step_start = self.counter.current
+        self._step_start = self.step_start_bytes = self.counter.current
         if self.blocks:
             from memtrain.memory.blocks import BlockHooks
 
@@ -218,9 +254,13 @@ class TensorBackend:
 
     def begin_phase(self) -> None:
         self.counter.reset_peak()
+        if self.record_events:
+            self.counter.start_events()
 
     def end_phase(self, phase: str) -> dict[str, int]:
         self._classify()
+        if self.record_events:
+            self.phase_events[phase] = self.counter.finish_events()
         c = self.counter
         metrics = {"tensor_peak": c.peak, "tensor_increase": c.peak - self._step_start}
         metrics.update({f"tensor_peak_{k}": v for k, v in c.peak_by_category.items()})

@@ -14,6 +14,9 @@ over the step's start. Backends and their metric names (each says what it measur
   ``alloc_increase``, ``reserved_peak``, ``active_peak``, ``alloc_retries``, ``ooms``.
 * ``nvml`` (NVIDIA GPUs with NVML — :mod:`memtrain.memory.nvml`): ``nvml_used_peak``,
   ``nvml_used_increase``, ``nvml_process_peak``, ``nvml_samples``.
+* ``process`` (CPU devices — :mod:`memtrain.memory.process`): ``process_peak`` (peak
+  resident memory of the process in the phase: tensors plus kernel workspaces, allocator
+  caches and everything else) and ``process_increase``.
 
 A backend that cannot run where it is asked for (``cuda`` or ``nvml`` on a CPU
 machine, NVML missing) is left out with a line in :attr:`MemoryTracker.notes`; it never
@@ -46,7 +49,7 @@ import torch
 from memtrain.memory.tensor import TensorBackend
 
 PHASES = ("forward", "backward", "optimizer")
-BACKENDS = ("tensor", "cuda", "nvml")
+BACKENDS = ("tensor", "cuda", "nvml", "process")
 MIB = 2**20
 
 
@@ -62,19 +65,20 @@ class PhaseRecord:
 class MemoryTracker:
     """Records per-phase peaks of each step with every backend available on ``device``.
 
-    ``backends`` defaults to every backend that applies to ``device`` (``tensor``, plus
-    ``cuda`` and ``nvml`` on a CUDA device). ``blocks=False`` turns off the per-block
+    ``backends`` defaults to every backend that applies to ``device``: ``tensor``, plus
+    ``cuda`` and ``nvml`` on a CUDA device, ``process`` on a CPU. ``blocks=False`` turns off the per-block
     breakdown (its forward hooks).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", *, backends: tuple[str, ...] | None = None, blocks: bool = True) -> None:
+    def __init__(self, device: torch.device | str = "cpu", *, backends: tuple[str, ...] | None = None, blocks: bool = True, events: bool = False) -> None:
         self.device = torch.device(device)
         if backends is None:
-            backends = BACKENDS if self.device.type == "cuda" else ("tensor",)
+            backends = ("tensor", "cuda", "nvml") if self.device.type == "cuda" else ("tensor", "process")
         unknown = [b for b in backends if b not in BACKENDS]
         if unknown:
             raise ValueError(f"unknown memory backend(s) {unknown}; known: {', '.join(BACKENDS)}")
         self.notes: list[str] = []
+        self.events = events  # the tensor backend records each phase's local maxima (memtrain.memory.scaling)
         self.backends: list = []
         for name in backends:
             backend = self._make(name, blocks)
@@ -88,7 +92,7 @@ class MemoryTracker:
 
     def _make(self, name: str, blocks: bool):
         if name == "tensor":
-            return TensorBackend(self.device, blocks=blocks)
+            return TensorBackend(self.device, blocks=blocks, events=self.events)
         if name == "cuda":
             if self.device.type != "cuda" or not torch.cuda.is_available():
                 self.notes.append(f"cuda: skipped (device is {self.device.type}; allocator statistics exist on CUDA only)")
@@ -96,6 +100,13 @@ class MemoryTracker:
             from memtrain.memory.cuda import CudaBackend
 
             return CudaBackend(self.device)
+        if name == "process":
+            from memtrain.memory.process import ProcessBackend
+
+            if not ProcessBackend.available():
+                self.notes.append("process: skipped (the resident memory of this process cannot be read here)")
+                return None
+            return ProcessBackend()
         from memtrain.memory.nvml import NvmlBackend, open_nvml
 
         nvml, why = open_nvml(self.device)

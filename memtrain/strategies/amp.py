@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -12,6 +14,23 @@ from memtrain.strategies.base import Stage, Strategy
 from memtrain.strategies.registry import register
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+# Set by count_working_copies(): called with each float32 working copy of the CPU routing while it is alive.
+_COPY_OBSERVER: contextvars.ContextVar[Callable[[torch.Tensor], None] | None] = contextvars.ContextVar("memtrain_copy_observer", default=None)
+
+
+@contextlib.contextmanager
+def count_working_copies(observer: Callable[[torch.Tensor], None]):
+    """Route 16-bit CPU convolutions under fake tensors too, and hand ``observer`` each float32 working copy.
+
+    Memory estimates for a CPU target use it so that the copies (input, weight and output in
+    float32, and the same in backward) are counted while they exist; they are not tensors of
+    the model and a tracker above the routing does not see them otherwise.
+    """
+    token = _COPY_OBSERVER.set(observer)
+    try:
+        yield
+    finally:
+        _COPY_OBSERVER.reset(token)
 
 
 @register
@@ -70,8 +89,9 @@ class AMP(Strategy):
         from torch._guards import active_fake_mode
 
         # Under fake tensors (memory estimates) no kernel runs, so there is nothing to reroute,
-        # and the extra dispatch layer would only slow the estimate down.
-        if self.env.device == "cpu" and not self.env.native_bf16 and active_fake_mode() is None:
+        # and the extra dispatch layer would only slow the estimate down, unless the estimate
+        # counts the routing's working copies (count_working_copies).
+        if self.env.device == "cpu" and not self.env.native_bf16 and (active_fake_mode() is None or _COPY_OBSERVER.get() is not None):
             return LowPrecisionConvOnFloat32()
         return contextlib.nullcontext()
 
@@ -91,9 +111,19 @@ _LOW = (torch.bfloat16, torch.float16)
 
 
 def _real_cpu(*tensors) -> bool:
+    """CPU tensors that are real, or fake ones while an estimate counts the working copies."""
     from torch._subclasses.fake_tensor import FakeTensor
 
-    return all(t is None or (t.device.type == "cpu" and not isinstance(t, FakeTensor)) for t in tensors)
+    fake_ok = _COPY_OBSERVER.get() is not None
+    return all(t is None or (t.device.type == "cpu" and (fake_ok or not isinstance(t, FakeTensor))) for t in tensors)
+
+
+def _observe(*tensors) -> None:
+    observer = _COPY_OBSERVER.get()
+    if observer is not None:
+        for t in tensors:
+            if t is not None:
+                observer(t)
 
 
 class LowPrecisionConvOnFloat32(TorchDispatchMode):
@@ -112,12 +142,18 @@ class LowPrecisionConvOnFloat32(TorchDispatchMode):
         if func is _aten.convolution.default:
             x, w, b = args[0], args[1], args[2]
             if x.dtype in _LOW and _real_cpu(x, w, b):
-                out = func(x.float(), w.float(), None if b is None else b.float(), *args[3:], **kwargs)
+                x32, w32, b32 = x.float(), w.float(), None if b is None else b.float()
+                _observe(x32, w32, b32)
+                out = func(x32, w32, b32, *args[3:], **kwargs)
+                _observe(out)
                 return out.to(x.dtype)
         elif func is _aten.convolution_backward.default:
             grad, x, w = args[0], args[1], args[2]
             if grad.dtype in _LOW and _real_cpu(grad, x, w):
-                grads = func(grad.float(), x.float(), w.float(), *args[3:], **kwargs)
+                g32, x32, w32 = grad.float(), x.float(), w.float()
+                _observe(g32, x32, w32)
+                grads = func(g32, x32, w32, *args[3:], **kwargs)
+                _observe(*grads)
                 dtypes = (x.dtype, w.dtype, grad.dtype)
                 return tuple(None if g is None else g.to(dt) for g, dt in zip(grads, dtypes))
         return func(*args, **kwargs)

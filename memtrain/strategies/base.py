@@ -100,6 +100,9 @@ class Strategy:
     # combinations by the product over their strategies; state the basis in the docstring.
     time_cost: ClassVar[float] = 1.0
     time_cost_cpu: ClassVar[float | None] = None
+    # Whether the step's tensor events are the same at every size, each a quadratic in the image side, so that
+    # `memtrain plan` may extrapolate its estimate from small sizes (memtrain.memory.scaling); False: estimated at the size.
+    size_polynomial: ClassVar[bool] = True
 
     @classmethod
     def plan_options(cls, env: Environment) -> tuple[tuple[str, ...], str]:

@@ -347,6 +347,9 @@ class Quant(Strategy):
     variants = ("int8", "fp8", "qat")
     # int8: measured on CPU (benchmarks/results/strategy_time_cpu.md, x1.29; fp8 x1.33); GPU assumed the same, not measured.
     time_cost = 1.3
+    # Saved tensors are quantized in slices of about CHUNK_NUMEL elements: how many slices (and so the
+    # step's tensor events) depends on the image size, so `memtrain plan` estimates it at the size itself.
+    size_polynomial = False
 
     @classmethod
     def plan_options(cls, env) -> tuple[tuple[str, ...], str]:
