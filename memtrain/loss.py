@@ -58,7 +58,7 @@ K1, K2 = 0.01, 0.03
 WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 EPS = 1e-6  # below it a scale's term follows the power tail of the positive map (see the module docstring)
 TAIL = 0.1  # k of the tail: d log f / dt = k / (kε + ε − t), ~k/|t| for negative terms
-BAND_PIXELS = 1 << 16  # output pixels per band of rows (per image and channel): 256 KiB per float32 map
+BAND_PIXELS = 1 << 17  # output pixels per band of rows (per image and channel): 512 KiB per float32 map
 
 
 def window_for(side: int) -> int:
