@@ -8,17 +8,20 @@ SSIM map at scale 5, the product of their powers, and the mean over the batch.
 
 **No dead zone.** pytorch-msssim passes each scale's term through ReLU: a term ≤ 0 makes the product,
 and its gradient, exactly 0 — the loss is 1.0 and the step teaches nothing. memtrain passes each term
-``t`` through a C¹, positive map instead::
+``t`` through a C¹, positive, increasing map instead::
 
-    f(t) = t                     for t ≥ ε
-    f(t) = ε² / (2ε − t)         for t < ε        (ε = 1e-3: value ε and slope 1 at t = ε)
+    f(t) = t                                  for t ≥ ε
+    f(t) = ε · (1 + (ε − t)/(kε))^(−k)        for t < ε      (ε = 1e-6, k = 0.1: value ε, slope 1 at t = ε)
 
-Where every term is ≥ ε, value and gradient equal pytorch-msssim's. Below ε the term stays
-positive, ``d log f / dt = 1 / (2ε − t)`` stays between 1/(1 + 2ε) and 1/ε (terms are ≥ −1), and
-MS-SSIM ≥ ε²/(1 + 2ε) ≈ 1e-6: the loss stays below 1 and its gradient points towards raising the
-negative scale's term. An exponential tail ``ε·exp((t − ε)/ε)`` would also be C¹, but it underflows
-(ε·e^(−1/ε) is 0 in float32 for ε < 0.012), which brings the dead zone back for anti-correlated
-scales; the rational tail does not.
+Where every term is ≥ ε, value and gradient equal pytorch-msssim's. ε is that small on purpose: the
+zero-initialised head's first outputs have a coarsest-scale SSIM term of about 1e-5 (its luminance
+part is C1/μ²), and there memtrain's loss must still be the paper's. Below ε the tail decays like a
+power, ``f ≈ ε·(kε/|t|)^k``, so ``d log f / dt = k / (kε + ε − t)`` ≈ k/|t| stays of the order of the
+positive terms' 1/t, and MS-SSIM ≥ ε·(kε)^k ≈ 2e-7 for terms ≥ −1: the loss stays below 1.0 in
+float32 and its gradient raises the negative scale's term. ``k = 1`` (``ε²/(2ε − t)``) or an exponential
+tail ``ε·exp((t − ε)/ε)`` would also be C¹, but they fall like ε²/|t| or faster: with an ε small
+enough for the zero-head start, a few negative scales multiply to below float32's resolution at
+1.0 (or underflow), and the flat 1.0 comes back.
 
 **Precision.** Statistics are computed in float32 whatever the input's dtype (float64 inputs stay
 float64), with autocast disabled; bf16 and fp16 inputs are upcast one band of rows at a time. The
@@ -53,8 +56,9 @@ DEFAULT_WINDOW = 11
 SIGMA = 1.5
 K1, K2 = 0.01, 0.03
 WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
-EPS = 1e-3  # below it a scale's term follows the rational tail of the positive map (see the module docstring)
-BAND_PIXELS = 1 << 16  # output pixels per band of rows (per image and channel): 256 KiB per float32 map
+EPS = 1e-6  # below it a scale's term follows the power tail of the positive map (see the module docstring)
+TAIL = 0.1  # k of the tail: d log f / dt = k / (kε + ε − t), ~k/|t| for negative terms
+BAND_PIXELS = 1 << 17  # output pixels per band of rows (per image and channel): 512 KiB per float32 map
 
 
 def window_for(side: int) -> int:
@@ -231,9 +235,12 @@ class _MSSSIMTerms(torch.autograd.Function):
         return out[0], out[1], None, None, None
 
 
-def _positive(t: torch.Tensor, eps: float = EPS) -> torch.Tensor:
-    """The C¹ positive map: ``t`` for t ≥ ε, ``ε²/(2ε − t)`` below."""
-    return torch.where(t >= eps, t, eps * eps / (2 * eps - torch.minimum(t, t.new_tensor(eps))))
+def _positive(t: torch.Tensor, eps: float | None = None, k: float | None = None) -> torch.Tensor:
+    """The C¹ positive map: ``t`` for t ≥ ε, ``ε·(1 + (ε − t)/(kε))^(−k)`` below (see the module docstring)."""
+    eps = EPS if eps is None else eps
+    k = TAIL if k is None else k
+    below = torch.minimum(t, t.new_tensor(eps))  # the unused branch stays finite (no NaN through torch.where)
+    return torch.where(t >= eps, t, eps * (1 + (eps - below) / (k * eps)) ** (-k))
 
 
 def ms_ssim(x: torch.Tensor, y: torch.Tensor, *, data_range: float = 1.0, win_size: int = DEFAULT_WINDOW) -> torch.Tensor:
@@ -299,7 +306,7 @@ def build_loss(name: str = DEFAULT_LOSS) -> nn.Module:
 def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
     """Per-batch means of MS-SSIM, SSIM and PSNR (dB) for [0, 1] images, computed in float32.
 
-    MS-SSIM is memtrain's (equal to pytorch-msssim's wherever every scale's term is ≥ 1e-3); SSIM is pytorch-msssim's.
+    MS-SSIM is memtrain's (equal to pytorch-msssim's wherever every scale's term is ≥ 1e-6); SSIM is pytorch-msssim's.
     """
     from pytorch_msssim import ssim
 
