@@ -115,7 +115,7 @@ def reference(run_dir: Path, *, microbatches: int = 1, strategies: str = "none")
 
     cfg = C.load_yaml(run_dir / "config.yaml")
     ckpt = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    plan = Plan.resolve(strategies, Environment(device="cpu", native_bf16=False))
+    plan = Plan.resolve(strategies, Environment.detect("cpu"))  # the environment the run's processes detect
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
