@@ -129,12 +129,17 @@ def halo_for(radius: int) -> int:
 
 
 # -- BatchNorm with fixed statistics -------------------------------------------------------------
-class _Abort(Exception):  # noqa: N818 - private control flow: a stats sweep stops the tile at its target BN
-    pass
+class _Abort(Exception):
+    """Private control flow: a stats sweep stops the tile at its target BN."""
 
 
 def _bshape(v: torch.Tensor) -> torch.Tensor:
     return v[None, :, None, None]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """BatchNorm arithmetic: float32 for 16-bit and float32 inputs, float64 for float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class _FixedBN(torch.autograd.Function):
@@ -146,8 +151,9 @@ class _FixedBN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, mean, invstd, corr):
-        xhat = (x.float() - _bshape(mean)) * _bshape(invstd)
-        y = xhat * _bshape(weight.float()) + _bshape(bias.float())
+        cd = _compute_dtype(x)
+        xhat = (x.to(cd) - _bshape(mean.to(cd))) * _bshape(invstd.to(cd))
+        y = xhat * _bshape(weight.to(cd)) + _bshape(bias.to(cd))
         ctx.save_for_backward(x, weight, mean, invstd)
         ctx.corr = corr
         return y.to(x.dtype)
@@ -155,17 +161,19 @@ class _FixedBN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, weight, mean, invstd = ctx.saved_tensors
-        g32 = g.float()
-        xhat = (x.float() - _bshape(mean)) * _bshape(invstd)
+        cd = _compute_dtype(x)
+        g32 = g.to(cd)
+        mean, invstd = mean.to(cd), invstd.to(cd)
+        xhat = (x.to(cd) - _bshape(mean)) * _bshape(invstd)
         dweight = (g32 * xhat).sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[1] else None
         dbias = g32.sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            scale = _bshape(weight.float() * invstd)
+            scale = _bshape(weight.to(cd) * invstd)
             dx = g32 * scale
             if ctx.corr is not None:
                 m1, m2, (ys, xs) = ctx.corr
-                dx[..., ys, xs] -= scale * (_bshape(m1) + xhat[..., ys, xs] * _bshape(m2))
+                dx[..., ys, xs] -= scale * (_bshape(m1.to(cd)) + xhat[..., ys, xs] * _bshape(m2.to(cd)))
             dx = dx.to(x.dtype)
         return dx, dweight, dbias, None, None, None
 
@@ -239,7 +247,8 @@ def _finish_stats(bn: nn.BatchNorm2d, acc: list, update: bool) -> _Stats:
             factor = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
             bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
             bn.running_var.mul_(1 - factor).add_((var * (n / max(n - 1, 1)) * factor).to(bn.running_var.dtype))
-    return _Stats(mean.float(), torch.rsqrt(var + bn.eps).float(), n)
+    cd = torch.float64 if bn.weight is not None and bn.weight.dtype == torch.float64 else torch.float32
+    return _Stats(mean.to(cd), torch.rsqrt(var + bn.eps).to(cd), n)
 
 
 # -- regions --------------------------------------------------------------------------------------
@@ -342,7 +351,7 @@ class _Region:
             self.tiling.counters.add("backward", self.name, len(tiles))
             n = stats[bn].count
             zero = inputs[0].new_zeros(bn.num_features, dtype=torch.float32)
-            sums[bn] = ((s1 / n).float(), (s2 / n).float()) if s1 is not None else (zero, zero)
+            sums[bn] = (s1 / n, s2 / n) if s1 is not None else (zero, zero)  # float64; cast where used
         grads_in = [torch.zeros_like(t) if need else None for t, need in zip(inputs, needs)]
         grads_p: list = [None] * len(self.params)
         for t in tiles:
@@ -447,14 +456,14 @@ class Tiling:
             return _run_stage(enc.layer1, enc.maxpool(enc.relu(enc.bn1(enc.conv1(x)))))
 
         def run_d(d1, f2, x):
-            f1 = enc.relu(enc.bn1(enc.conv1(x)))
             y = type(b2).forward(b2, d1, f2.shape[-2], f2.shape[-1], f2)
+            f1 = enc.relu(enc.bn1(enc.conv1(x)))  # the stem again, per tile, with E's statistics for bn1
             y = type(b3).forward(b3, y, f1.shape[-2], f1.shape[-1], f1)
             y = type(b4).forward(b4, y, x.shape[-2], x.shape[-1], None)
             return type(head).forward(head, y)
 
         e_bns = _bns(enc.bn1) + _bns(enc.layer1)
-        d_bns = _bns(b2) + [enc.bn1] + _bns(b3) + _bns(b4) + _bns(head)
+        d_bns = [*_bns(b2), enc.bn1, *_bns(b3), *_bns(b4), *_bns(head)]  # execution order of run_d
         r_e = receptive_radius([enc.conv1, enc.maxpool, enc.layer1])
         r_d = max(
             receptive_radius([("up", 8), b2, ("up", 4), b3, ("up", 2), b4, head]),
@@ -599,4 +608,3 @@ class Tile(Strategy):
 
 
 __all__ = ["Tile", "TileWindow", "Tiling", "apply_tiling", "auto_side", "make_tiles", "receptive_radius", "remove_tiling", "tiled_modules", "tiling_of"]
-
