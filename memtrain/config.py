@@ -26,6 +26,8 @@ from memtrain.errors import ConfigError
 
 # The U-Net downsamples five times, so every side must be divisible by 2**5.
 SIZE_MULTIPLE = 32
+# The names of memtrain.loss.LOSSES (kept here so the config needs no torch import; a test checks they agree).
+LOSS_NAMES = ("msssim", "msssim:reference")
 # `--strategies auto`: the planner picks the fastest combination that fits --memory-budget.
 AUTO = "auto"
 
@@ -66,7 +68,10 @@ class ModelConfig:
 
     encoder: str = opt("resnet34", help="smp encoder name (resnet18, resnet34, resnet50, ...)")
     encoder_weights: str | None = opt(None, help="local state-dict file for the encoder (random init when absent; nothing is downloaded)")
-    zero_head: bool = opt(True, help="start the output convolution at zero so 1 − MS-SSIM has a gradient from step one (see memtrain.model)")
+    zero_head: bool = opt(
+        True,
+        help="start the output convolution at zero (a flat first output); with --loss msssim:reference a random head gets no gradient (see memtrain.model)",
+    )
 
 
 @dataclass(kw_only=True)
@@ -136,6 +141,11 @@ class FitConfig:
 
     strategies: list[str] = opt(
         help="comma-separated memory strategies, e.g. 'amp,checkpoint' (see `memtrain strategies`), or 'auto' with --memory-budget", factory=lambda: ["none"]
+    )
+    loss: str = opt(
+        "msssim",
+        choices=LOSS_NAMES,
+        help="training loss: 'msssim' (memtrain's 1 − MS-SSIM, no dead zone, a few image sizes of memory) or 'msssim:reference' (pytorch-msssim's, the paper's)",
     )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -396,5 +406,5 @@ def apply_overrides(cfg: FitConfig, args: argparse.Namespace) -> FitConfig:
 
 
 def field_docs() -> list[tuple[str, str, str]]:
-    """(yaml key, flag, help) for every field — used by the README and `--help`."""
+    """(yaml key, flag, help) for every field — used by the generated docs reference (docs/hooks/cli_reference.py) and its test."""
     return [(_key(s, f.name), flag_of(s, f), f.metadata["help"]) for s, f in _sections()]

@@ -6,12 +6,15 @@ may name a local state-dict file (e.g. torchvision ResNet weights saved with
 no pickled code runs, RGB first-layer kernels are summed to one channel (as smp does
 for pretrained weights), and any key mismatch is an error.
 
-The output convolution (the segmentation head) starts at zero by default. With a
-random head the first outputs are uncorrelated with the targets, some MS-SSIM scale's
-contrast term comes out negative, pytorch-msssim clips it to 0 with a ReLU and the
-whole product — and its gradient — is exactly zero: training never starts. A zero
-head outputs a constant, for which every contrast term is positive (C2 / (σ² + C2)),
-so gradients flow from the first step. ``--no-zero-head`` keeps smp's initialisation.
+The output convolution (the segmentation head) starts at zero by default (``--zero-head``): the
+first outputs are a constant 0, the first step moves only the head, and the network starts
+from "predict a flat image" rather than from smp's random output. With pytorch-msssim's loss
+(``--loss msssim:reference``) this was a crutch: a random head gives outputs uncorrelated with
+the targets, some scale's contrast term comes out negative, its ReLU makes the product — and
+its gradient — exactly zero, and training never starts. memtrain's own loss (the default, see
+:mod:`memtrain.loss`) has no such dead zone, so ``--no-zero-head`` (smp's initialisation) trains
+from the first step too; the default stays at zero so that published runs and presets keep
+their figures.
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ import argparse
 import json
 from pathlib import Path
 
+from memtrain.config import LOSS_NAMES
 from memtrain.errors import ConfigError
 
 EPILOG = """examples:
@@ -33,6 +34,7 @@ def add_parser(sub) -> None:
     p.add_argument("--steps", type=int, default=3, help="measured steps per cell, after one warm-up step that is left out [default: 3]")
     p.add_argument("--batch-size", type=int, default=1, help="images per step [default: 1]")
     p.add_argument("--encoder", default="resnet34", help="smp encoder of the U-Net [default: resnet34]")
+    p.add_argument("--loss", default="msssim", choices=LOSS_NAMES, help="training loss, as in `memtrain fit --loss` [default: msssim]")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where cells run [default: auto: CUDA when present]")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate [default: 0.001]")
     p.add_argument("--cell-timeout", type=float, default=1800, help="seconds before a cell is killed and recorded as an error [default: 1800]")
@@ -88,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out}: exists and is not a folder")
     if (out / "compare.json").exists():
         raise ConfigError(f"--out {out}: already holds a comparison (compare.json); choose another --out or remove it")
-    sweep = Sweep(combos, sizes, out, steps=args.steps, batch_size=args.batch_size, encoder=args.encoder, device=args.device, lr=args.lr)
+    sweep = Sweep(combos, sizes, out, steps=args.steps, batch_size=args.batch_size, encoder=args.encoder, loss=args.loss, device=args.device, lr=args.lr)
     sweep.cell_timeout, sweep.cpu_memory_limit = args.cell_timeout, limit
     sweep.launcher, sweep.nproc_per_node = args.launcher, args.nproc_per_node or 1
     if "none" not in combos:

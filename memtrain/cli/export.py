@@ -17,7 +17,7 @@ EPILOG = """examples:
   memtrain export runs/exp1/checkpoints/best.ckpt --format onnx --out model_dir
   memtrain export best.ckpt --format onnx --out model_dir --triton-repo models --name enhancer
   memtrain export best.ckpt --format torchscript --out model_dir --triton-repo models
-  memtrain export best.ckpt --format onnx --out model_dir --int8      # models trained with quant:qat"""
+  memtrain export best.ckpt --format torchscript --out model_dir --int8   # models trained with quant:qat (int8: TorchScript only)"""
 
 
 def add_parser(sub) -> None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from memtrain.config import check_size
+from memtrain.config import LOSS_NAMES, check_size
 from memtrain.errors import ConfigError
 
 EPILOG = """examples:
@@ -27,6 +27,7 @@ def add_parser(sub) -> None:
     p.add_argument("--budget", help="device memory available, e.g. 8GiB, 24GB, 512MiB or bytes (without it nothing is marked as fitting)")
     p.add_argument("--batch-size", type=int, default=1, help="images per step [default: 1]")
     p.add_argument("--encoder", default="resnet34", help="smp encoder of the U-Net [default: resnet34]")
+    p.add_argument("--loss", default="msssim", choices=LOSS_NAMES, help="training loss, as in `memtrain fit --loss` [default: msssim]")
     p.add_argument(
         "--device",
         choices=("cuda", "cpu"),
@@ -83,7 +84,9 @@ def run(args: argparse.Namespace) -> int:
     combos = parse_combos(args.strategies)
     _check_encoder(args.encoder)
     env, how = target_environment(args.device)
-    planner = Planner(size=args.size, batch_size=args.batch_size, encoder=args.encoder, env=env, budget=budget, headroom=headroom, jobs=args.jobs)
+    planner = Planner(
+        size=args.size, batch_size=args.batch_size, encoder=args.encoder, loss=args.loss, env=env, budget=budget, headroom=headroom, jobs=args.jobs
+    )
     if combos is None and args.max_size is not None:
         from memtrain.memory.planner import combinations
 
@@ -112,7 +115,7 @@ def format_plan(cands, best, planner, args, how: str) -> str:
 
     env = planner.env
     target = env.device + (f", {how}" if how != "detected" else "")
-    lines = [f"memtrain plan: U-Net {args.encoder}, {args.size}x{args.size}, batch {args.batch_size}, target {target}"]
+    lines = [f"memtrain plan: U-Net {args.encoder}, loss {args.loss}, {args.size}x{args.size}, batch {args.batch_size}, target {target}"]
     if planner.budget is not None:
         usable = (planner.budget - planner.headroom) / (1 + planner.fraction)
         lines.append(

@@ -46,7 +46,7 @@ def _limit_address_space(extra: int) -> None:
 
 
 def run_cell(spec: dict) -> dict:
-    """Run the cell described by ``spec`` (strategies, size, batch_size, encoder, steps, device, lr, cpu_memory_limit)."""
+    """Run the cell described by ``spec`` (strategies, size, batch_size, encoder, loss, steps, device, lr, cpu_memory_limit)."""
     import torch
 
     from memtrain.compare.environment import device_environment
@@ -77,7 +77,9 @@ def run_cell(spec: dict) -> dict:
         result["backends"] = tracker.backend_names
         with plan.session():
             torch.manual_seed(0)
-            train = TrainStep(plan, model_cfg=ModelConfig(encoder=spec.get("encoder", "resnet34")), device=device, lr=spec.get("lr", 1e-3))
+            train = TrainStep(
+                plan, model_cfg=ModelConfig(encoder=spec.get("encoder", "resnet34")), loss=spec.get("loss", "msssim"), device=device, lr=spec.get("lr", 1e-3)
+            )
             x, y = torch.stack(xs).to(device), torch.stack(ys).to(device)
             times, losses = [], []
             for step in range(WARMUP_STEPS + spec["steps"]):

@@ -125,7 +125,7 @@ def _reduction(ratio) -> str:
 def to_markdown(sweep, host: dict, device: dict, rows: list[dict]) -> str:
     backends = sorted({r["backend"] for r in rows if r["backend"]})
     lines = [
-        f"# memtrain compare: U-Net {sweep.encoder}, batch {sweep.batch_size}, {sweep.steps} measured step(s) after 1 warm-up step",
+        f"# memtrain compare: U-Net {sweep.encoder}, loss {sweep.loss}, batch {sweep.batch_size}, {sweep.steps} measured step(s) after 1 warm-up step",
         "",
         "| | |",
         "|---|---|",
@@ -205,7 +205,9 @@ def plot_png(sweep, rows: list[dict], device: dict) -> bytes:
     axes[0].set_ylabel("peak memory, % of 'none'")
     axes[0].set_ylim(0, ymax)
     backends = ", ".join(sorted({r["backend"] for r in rows if r["backend"]})) or "-"
-    fig.suptitle(f"memtrain compare — U-Net {sweep.encoder}, batch {sweep.batch_size}; {device.get('device', '?')}; backend: {backends}", fontsize=9)
+    fig.suptitle(
+        f"memtrain compare — U-Net {sweep.encoder}, loss {sweep.loss}, batch {sweep.batch_size}; {device.get('device', '?')}; backend: {backends}", fontsize=9
+    )
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         fig.legend(handles, labels, loc="upper right", fontsize=8)
@@ -224,7 +226,20 @@ def write_outputs(sweep, host: dict, results: list[dict]) -> None:
         "environment": {**host, **device},
         "settings": {
             k: getattr(sweep, k)
-            for k in ("combos", "sizes", "steps", "batch_size", "encoder", "device", "lr", "cell_timeout", "cpu_memory_limit", "launcher", "nproc_per_node")
+            for k in (
+                "combos",
+                "sizes",
+                "steps",
+                "batch_size",
+                "encoder",
+                "loss",
+                "device",
+                "lr",
+                "cell_timeout",
+                "cpu_memory_limit",
+                "launcher",
+                "nproc_per_node",
+            )
         },
         "rows": rows,
         "cells": results,

@@ -36,6 +36,7 @@ class Sweep:
     steps: int = 3
     batch_size: int = 1
     encoder: str = "resnet34"
+    loss: str = "msssim"
     device: str = "auto"
     lr: float = 1e-3
     cell_timeout: float = DEFAULT_CELL_TIMEOUT_S
@@ -50,6 +51,7 @@ class Sweep:
             "size": size,
             "batch_size": self.batch_size,
             "encoder": self.encoder,
+            "loss": self.loss,
             "steps": self.steps,
             "device": self.device,
             "lr": self.lr,

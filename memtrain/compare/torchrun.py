@@ -78,6 +78,7 @@ def fit_args(spec: dict, nproc: int, out: Path) -> list[str]:
         "--val-images", "1",
         "--batch-size", str(spec["batch_size"]),
         "--encoder", spec.get("encoder", "resnet34"),
+        "--loss", spec.get("loss", "msssim"),
         "--lr", str(spec.get("lr", 1e-3)),
         "--scheduler", "none",
         "--epochs", str(1 + steps),

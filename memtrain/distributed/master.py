@@ -75,7 +75,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
 def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.device, engine_factory: Callable[[Any], Any]) -> Path:
     """Rank 0's whole run; the other ranks serve ``engine``'s calls meanwhile. Returns the run directory."""
     from memtrain.data.module import build_datasets
-    from memtrain.loss import MSSSIMLoss, image_metrics
+    from memtrain.loss import build_loss, image_metrics
 
     ckpt_path = resume_checkpoint(resume) if resume is not None else None
     ckpt = load_checkpoint(ckpt_path) if ckpt_path is not None else None
@@ -96,7 +96,7 @@ def train(cfg: FitConfig, plan, env, *, resume: Path | None, device: torch.devic
     kept: dict[int, list[str]] = {}  # per rank: memory rows of the steps before a resume
     metrics = MetricsFile(run_dir / "metrics.csv")
     metrics.resume(epoch)
-    loss_fn = MSSSIMLoss()
+    loss_fn = build_loss(cfg.loss)
     ckpt_dir = run_dir / CHECKPOINT_DIR
     pin = device.type == "cuda"
 

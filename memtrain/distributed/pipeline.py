@@ -89,12 +89,12 @@ class PipelineEngine:
     def __init__(self, cfg: FitConfig, plan, device: torch.device, memory, denv: DistEnv) -> None:
         import torch.distributed as dist
 
-        from memtrain.loss import MSSSIMLoss
+        from memtrain.loss import build_loss
 
         self.cfg, self.plan, self.device, self.memory, self.rank = cfg, plan, device, memory, denv.rank
         self.part = STAGES[denv.rank]
         self.shard = Shard(cfg, plan, self.part, device, memory, NAME)
-        self.loss_fn = plan.wrap_loss(MSSSIMLoss())
+        self.loss_fn = plan.wrap_loss(build_loss(cfg.loss))
         # Commands and objects go over gloo even when activations go over NCCL.
         self.ctrl = dist.new_group(backend="gloo") if device.type == "cuda" else None
         self._schedules: dict[tuple, object] = {}

@@ -128,10 +128,10 @@ class RPCEngine:
     def __init__(self, cfg: FitConfig, plan, device: torch.device, memory) -> None:
         import torch.distributed.rpc as rpc
 
-        from memtrain.loss import MSSSIMLoss
+        from memtrain.loss import build_loss
 
         self.device, self.memory = device, memory
-        self.loss_fn = plan.wrap_loss(MSSSIMLoss())
+        self.loss_fn = plan.wrap_loss(build_loss(cfg.loss))
         args = (to_dict(cfg), plan.specs)
         self.shards = {part: rpc.remote(part, RemoteShard, args=(*args, part)) for part in (ENCODER, DECODER)}
         # Surface a shard's construction error here, not at the first step.

@@ -100,7 +100,7 @@ class LightningRunner:
 
         run_dir = self.open_run_dir(cfg, resume)
         self.announce(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})")
-        module = EnhancementModule(model, plan, cfg.train, samples=cfg.run.samples, config=to_dict(cfg))
+        module = EnhancementModule(model, plan, cfg.train, loss=cfg.loss, samples=cfg.run.samples, config=to_dict(cfg))
 
         device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
         ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -175,7 +175,7 @@ def choose_strategies(cfg: FitConfig, env) -> list[str]:
     from memtrain.memory.units import fmt_bytes, parse_bytes
 
     budget = parse_bytes(cfg.memory.budget, "--memory-budget")
-    planner = Planner(size=cfg.data.size, batch_size=cfg.train.batch_size, encoder=cfg.model.encoder, env=env, budget=budget)
+    planner = Planner(size=cfg.data.size, batch_size=cfg.train.batch_size, encoder=cfg.model.encoder, loss=cfg.loss, env=env, budget=budget)
     if budget <= planner.headroom:
         raise StrategyError(
             f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget}: it is not more than the {fmt_bytes(planner.headroom)}"

@@ -10,7 +10,7 @@ from torch import nn
 
 from memtrain.config import TrainConfig
 from memtrain.loop.optim import build_optimizer
-from memtrain.loss import MSSSIMLoss, image_metrics
+from memtrain.loss import DEFAULT_LOSS, build_loss, image_metrics
 from memtrain.strategies import Plan
 
 
@@ -22,12 +22,21 @@ class EnhancementModule(L.LightningModule):
     is the bar a model has to clear to have learned anything.
     """
 
-    def __init__(self, model: nn.Module, plan: Plan, train_cfg: TrainConfig, *, samples: int = 0, config: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        plan: Plan,
+        train_cfg: TrainConfig,
+        *,
+        loss: str = DEFAULT_LOSS,
+        samples: int = 0,
+        config: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
         self.plan = plan
         self.train_cfg = train_cfg
-        self.loss_fn = plan.wrap_loss(MSSSIMLoss())
+        self.loss_fn = plan.wrap_loss(build_loss(loss))
         self.n_samples = samples
         self.config = config or {}
         self.sample_batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None

@@ -72,13 +72,14 @@ def measure_step(
     size: int,
     batch_size: int = 1,
     encoder: str = "resnet34",
+    loss: str = "msssim",
     fake: bool = True,
     steps: int = 2,
     env=None,
     blocks: bool = True,
     backends: tuple[str, ...] | None = None,
 ) -> StepMemory:
-    """Run ``steps`` training steps of the U-Net under ``strategies`` and return the last one's phases.
+    """Run ``steps`` training steps of the U-Net under ``strategies`` with the loss named ``loss`` and return the last one's phases.
 
     ``env`` is the target environment (default: a CPU without native bf16). Real runs
     (``fake=False``) use every backend of the device (``tensor``, and ``cuda`` and
@@ -108,7 +109,7 @@ def measure_step(
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
     try:
         with fake_mode, run_plan.session():
-            train = TrainStep(run_plan, model_cfg=ModelConfig(encoder=encoder), device=torch_device, foreach=env.device == "cuda", scaler=not fake)
+            train = TrainStep(run_plan, model_cfg=ModelConfig(encoder=encoder), loss=loss, device=torch_device, foreach=env.device == "cuda", scaler=not fake)
             x = torch.rand(batch_size, 1, size, size, device=torch_device)
             y = torch.rand(batch_size, 1, size, size, device=torch_device)
             for step in range(steps):

@@ -131,11 +131,11 @@ def required_bytes(step_peak: int, headroom: int = HEADROOM_BYTES, fraction: flo
 
 def _measure(args: tuple) -> StepMemory | str:
     """Worker: an estimate, or the error text (a failing strategy must not stop the plan)."""
-    combo, size, batch_size, encoder, env = args
+    combo, size, batch_size, encoder, loss, env = args
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            return measure_step(combo, size=size, batch_size=batch_size, encoder=encoder, fake=True, env=env, blocks=False)
+            return measure_step(combo, size=size, batch_size=batch_size, encoder=encoder, loss=loss, fake=True, env=env, blocks=False)
     except MemtrainError as e:
         return f"rejected: {e}"
     except Exception as e:
@@ -143,7 +143,7 @@ def _measure(args: tuple) -> StepMemory | str:
 
 
 class Planner:
-    """Estimates candidates for one (size, batch size, encoder, target) and picks the fastest that fits ``budget``."""
+    """Estimates candidates for one (size, batch size, encoder, loss, target) and picks the fastest that fits ``budget``."""
 
     def __init__(
         self,
@@ -151,13 +151,14 @@ class Planner:
         size: int,
         batch_size: int = 1,
         encoder: str = "resnet34",
+        loss: str = "msssim",
         env=None,
         budget: int | None = None,
         headroom: int = HEADROOM_BYTES,
         fraction: float = HEADROOM_FRACTION,
         jobs: int = 1,
     ) -> None:
-        self.size, self.batch_size, self.encoder = size, batch_size, encoder
+        self.size, self.batch_size, self.encoder, self.loss = size, batch_size, encoder, loss
         self.env = env or default_target()
         self.budget, self.headroom, self.fraction = budget, headroom, fraction
         self.jobs = max(1, jobs)
@@ -192,7 +193,7 @@ class Planner:
         todo = [c for c in dict.fromkeys(combos) if c not in self._cache]
         if not todo:
             return
-        args = [(c, self.size, self.batch_size, self.encoder, self.env) for c in todo]
+        args = [(c, self.size, self.batch_size, self.encoder, self.loss, self.env) for c in todo]
         if self.jobs > 1 and len(todo) > 2:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor

@@ -4,7 +4,7 @@ It does what :class:`memtrain.loop.module.EnhancementModule` under Lightning's
 automatic optimization does, in the same order, so its memory is the fit's memory:
 
 * ``forward``: the model under the plan's forward context and the precision plugin's
-  autocast, then 1 − MS-SSIM in float32; then ``zero_grad(set_to_none=True)`` — Lightning
+  autocast, then the loss (``loss``, a name of :data:`memtrain.loss.LOSSES`; 1 − MS-SSIM in float32); then ``zero_grad(set_to_none=True)`` — Lightning
   zeroes gradients *after* the training step and before backward, so the previous
   step's gradients are still alive during the forward;
 * ``backward``: ``loss.backward()`` (scaled by the GradScaler for fp16);
@@ -25,20 +25,21 @@ from memtrain.config import ModelConfig
 
 
 class TrainStep:
-    """Model, loss and Adam of one run under ``plan``, on ``device``; call it once per step."""
+    """Model, loss (named ``loss``) and Adam of one run under ``plan``, on ``device``; call it once per step."""
 
     def __init__(
         self,
         plan,
         *,
         model_cfg: ModelConfig | None = None,
+        loss: str = "msssim",
         device: torch.device | str = "cpu",
         lr: float = 1e-3,
         weight_decay: float = 0.0,
         foreach: bool | None = None,
         scaler: bool = True,
     ) -> None:
-        from memtrain.loss import MSSSIMLoss
+        from memtrain.loss import build_loss
         from memtrain.model import build_model
 
         self.plan = plan
@@ -46,7 +47,7 @@ class TrainStep:
         self.model = plan.apply(build_model(model_cfg or ModelConfig()))
         if any(p.device != self.device for p in self.model.parameters()):
             self.model.to(self.device)
-        self.loss_fn = plan.wrap_loss(MSSSIMLoss())
+        self.loss_fn = plan.wrap_loss(build_loss(loss))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay, foreach=foreach)
         precision = plan.precision_plugin()
         self.autocast = precision.forward_context if precision is not None else contextlib.nullcontext

@@ -1,6 +1,6 @@
 """What a memory strategy is, and the fixed order in which strategies apply.
 
-A strategy can act at four points, each a no-op by default so a strategy only
+A strategy can act at six points, each a no-op by default so a strategy only
 overrides what it changes:
 
 * :meth:`Strategy.transform` — rewrite the model once, before training;

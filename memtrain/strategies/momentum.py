@@ -1,6 +1,6 @@
 """``momentum``: invertible MomentumNet encoder stages (Sander et al., ICML 2021, package ``momentumnet``).
 
-Each residual stage of the ResNet encoder becomes a Momentum ResNet::
+Each residual stage of the ResNet encoder becomes a Momentum ResNet:
 
     v_0 = 0
     v_{t+1} = γ v_t + (1 − γ) (B_t(x_t) − x_t)
