@@ -91,3 +91,4 @@ def test_variants_and_rejections():
         Plan.resolve("tile,quant:qat", cpu)
     with pytest.raises(StrategyError, match="tile with pipeline"):
         Plan.resolve("tile,pipeline", cpu)
+
