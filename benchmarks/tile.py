@@ -16,7 +16,6 @@ Targets (issue 11): 2048² ≤ 0.10× the fp32 step; 4096² a plan ≤ 1.5 GiB; 
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import io
 import statistics

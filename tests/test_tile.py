@@ -91,4 +91,3 @@ def test_variants_and_rejections():
         Plan.resolve("tile,quant:qat", cpu)
     with pytest.raises(StrategyError, match="tile with pipeline"):
         Plan.resolve("tile,pipeline", cpu)
-
