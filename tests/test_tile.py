@@ -69,7 +69,7 @@ def test_sweep_schedule_and_tiles(warmed):
     assert counters.forward == {"encoder": (e_bns + 1) * tiles, "decoder": (d_bns + 1) * tiles}
     assert counters.backward == {"encoder": (e_bns + 1) * tiles, "decoder": (d_bns + 1 + 1) * tiles}  # + borrowed bn1
     assert len(make_tiles(160, 96, 64, 32)) == 3 * 2
-    assert auto_side(4096, 4096) == 1024 and auto_side(256, 256) == 128 and auto_side(64, 64) == 32
+    assert auto_side(4096, 4096) == 256 and auto_side(256, 256) == 128 and auto_side(64, 64) == 32
 
 
 def test_remove_tiling_restores_the_model(warmed):
