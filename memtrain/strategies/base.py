@@ -45,6 +45,10 @@ class Stage(IntEnum):
     # Quantize next: QAT fuses conv+bn and inserts fake-quant observers into the final
     # modules, and saved-tensor quantization must know which tensors it may touch.
     QUANTIZE = 20
+    # Tile after restructuring and quantization (it runs layer1 as momentum left it, and rejects
+    # quant:qat's fused ConvBn), and before checkpointing: checkpoint must see which stages tile
+    # owns (they already recompute everything per tile) and wrap only the whole-image middle.
+    TILE = 25
     # Checkpoint after quantization so that recomputation replays the fake-quant ops
     # too, and after restructuring so regions follow the final block boundaries.
     CHECKPOINT = 30
@@ -103,6 +107,18 @@ class Strategy:
     # Whether the step's tensor events are the same at every size, each a quadratic in the image side, so that
     # `memtrain plan` may extrapolate its estimate from small sizes (memtrain.memory.scaling); False: estimated at the size.
     size_polynomial: ClassVar[bool] = True
+
+    @classmethod
+    def accepts_variant(cls, variant: str) -> bool:
+        """Whether ``name:variant`` is valid (default: one of ``variants``; parameterised variants override)."""
+        return variant in cls.variants
+
+    @classmethod
+    def variant_error(cls, text: str) -> str:
+        """The one-line error for a rejected ``name:variant``."""
+        if not cls.variants:
+            return f"--strategies: '{cls.name}' takes no ':variant', got '{text}'"
+        return f"--strategies: unknown variant '{text}' (available: {', '.join(f'{cls.name}:{v}' for v in cls.variants)})"
 
     @classmethod
     def plan_options(cls, env: Environment) -> tuple[tuple[str, ...], str]:

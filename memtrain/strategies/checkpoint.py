@@ -29,7 +29,10 @@ fake-quant modules included), and afterwards the buffers hold what the forward l
 are updated once, as without checkpointing.
 
 Modules that already manage their activation memory (a momentumnet ``MomentumNet``, or any
-module with ``manages_activation_memory = True``) are left as they are. The model's
+module with ``manages_activation_memory = True``) are left as they are, and so are the stages
+``tile`` runs tile by tile (:func:`memtrain.strategies.tile.tiled_modules`: they recompute
+everything per tile already); on a tiled model the encoder stages 2..4 get their regions as
+their own instance forwards, since the tiled program calls them one by one. The model's
 ``state_dict()`` keys and modules do not change: regions are installed as instance-level
 ``forward`` replacements, which :func:`remove_checkpointing` removes again.
 """
@@ -50,6 +53,7 @@ from memtrain.errors import StrategyError
 from memtrain.strategies.base import Stage, Strategy
 from memtrain.strategies.recompute import checkpoint_context_fn
 from memtrain.strategies.registry import register
+from memtrain.strategies.tile import tiled_modules
 
 _aten = torch.ops.aten
 # Ops whose outputs the selective policy keeps: the expensive ones. Everything else in a region
@@ -202,6 +206,18 @@ class _EncoderProgram:
         return features
 
 
+class _StageProgram:
+    """One encoder stage's regions, installed as the stage's instance forward (used when ``tile`` runs the model program)."""
+
+    def __init__(self, steps: list) -> None:
+        self.steps = steps
+
+    def __call__(self, x):
+        for step in self.steps:
+            x = step(x)
+        return x
+
+
 class _OwnGradient(torch.autograd.Function):
     """Identity whose backward copies the incoming gradient.
 
@@ -291,15 +307,32 @@ def apply_checkpointing(model: nn.Module, variant: str) -> nn.Module:
     if getattr(model, _MARK, None) is not None:
         raise StrategyError(f"checkpoint:{variant}: the model is already checkpointed ({getattr(model, _MARK)})")
     enc, dec = model.encoder, model.decoder
-    enc.forward = _EncoderProgram(enc, g)
+    # Stages that `tile` runs tile by tile already recompute everything per tile: left alone. The tiled
+    # program calls the other stages one by one, so they get their regions as their own forwards.
+    tiled = {id(m) for m in tiled_modules(model)}
+    if tiled:
+        for i in range(2, enc._depth):
+            layer = getattr(enc, f"layer{i}")
+            steps = _stage_regions(layer, None, g, f"encoder.layer{i}")
+            steps = [
+                Region(functools.partial(type(layer).forward, layer), [layer], selective=g.selective, name=s.name)
+                if (isinstance(s, Region) and s.fn is layer)
+                else s
+                for s in steps
+            ]
+            layer.forward = _StageProgram(steps)
+    else:
+        enc.forward = _EncoderProgram(enc, g)
     if not isinstance(dec.center, nn.Identity):
         dec.center.forward = _WholeModule(dec.center, g, "decoder.center")
     n = len(dec.blocks)
     for i, block in enumerate(dec.blocks):
+        if id(block) in tiled:
+            continue
         name = f"decoder.blocks[{i}]"
         high_res = i >= n - 2  # the last two blocks run at 1/2 and full resolution
         block.forward = _DecoderBlockUnits(block, g, name) if (g.blocks and high_res) else _WholeModule(block, g, name)
-    if g.head:
+    if g.head and id(model.segmentation_head) not in tiled:
         model.segmentation_head.forward = _WholeModule(model.segmentation_head, g, "segmentation_head")
     object.__setattr__(model, _MARK, variant)
     return model
@@ -308,7 +341,7 @@ def apply_checkpointing(model: nn.Module, variant: str) -> nn.Module:
 def remove_checkpointing(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_checkpointing`: every module runs its own class forward again."""
     for m in model.modules():
-        if isinstance(m.__dict__.get("forward"), (_EncoderProgram, _DecoderBlockUnits, _WholeModule)):
+        if isinstance(m.__dict__.get("forward"), (_EncoderProgram, _StageProgram, _DecoderBlockUnits, _WholeModule)):
             del m.forward
     model.__dict__.pop(_MARK, None)
     return model
@@ -321,6 +354,8 @@ def regions(model: nn.Module) -> list[Region]:
         fwd = m.__dict__.get("forward")
         if isinstance(fwd, _EncoderProgram):
             found += ([fwd.stem] if fwd.stem else []) + [s for steps in fwd.stages for s in steps if isinstance(s, Region)]
+        elif isinstance(fwd, _StageProgram):
+            found += [s for s in fwd.steps if isinstance(s, Region)]
         elif isinstance(fwd, _DecoderBlockUnits):
             found += [fwd.first, fwd.second]
         elif isinstance(fwd, _WholeModule):

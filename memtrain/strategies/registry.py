@@ -40,8 +40,6 @@ def create(spec: str) -> Strategy:
     if name not in _REGISTRY:
         raise StrategyError(f"--strategies: unknown strategy '{text}' (available: {', '.join(available())})")
     cls = _REGISTRY[name]
-    if variant is not None and variant not in cls.variants:
-        if not cls.variants:
-            raise StrategyError(f"--strategies: '{name}' takes no ':variant', got '{text}'")
-        raise StrategyError(f"--strategies: unknown variant '{text}' (available: {', '.join(f'{name}:{v}' for v in cls.variants)})")
+    if variant is not None and not cls.accepts_variant(variant):
+        raise StrategyError(cls.variant_error(text))
     return cls(variant)

@@ -1,0 +1,615 @@
+"""``tile``: exact tiled training of the U-Net's full-resolution stages.
+
+Two tiled regions, each one :class:`torch.autograd.Function` whose forward returns whole
+tensors and saves only its whole inputs (nothing inside a region is kept between forward
+and backward):
+
+* **E** (encoder, stride 4): image ``x`` → ``conv1/bn1/relu`` → ``maxpool`` → ``layer1`` →
+  ``f2`` (whole, ¼ resolution). The stem output ``f1`` (½ resolution, 64 channels) is not kept.
+* **D** (decoder): ``d1`` (output of ``decoder.blocks[1]``, ⅛, whole), ``f2`` (¼, whole skip),
+  ``x`` (full) → ``blocks[2]`` → ``blocks[3]`` (skip ``f1`` recomputed per tile from ``x`` by the
+  stem, ``bn1`` with the batch statistics E computed this step) → ``blocks[4]`` →
+  ``segmentation_head`` → output (whole, one channel).
+
+The middle (``layer2..4``, ``decoder.blocks[0..1]``) runs whole, as without tiling (so
+``checkpoint`` still wraps it). The loss runs on the whole one-channel output.
+
+**Tiles.** Interior squares of side T (full-resolution pixels, a multiple of 32) partition
+the image; each tile's computation window is the interior ± a halo, clipped at the image
+border. Window origins are multiples of 32, so every strided convolution, pooling and
+nearest upsampling lands on the whole image's grid, and clipping at the border reproduces
+the whole image's zero / −inf padding. The halo is the region's receptive radius
+(:func:`receptive_radius`, computed from the modules: Σ dilation·(k−1)/2 · stride over the
+convolutions/pools on the longest path, plus one source pixel per upsampling) rounded up to
+a multiple of 32 — 32 px for ResNet18/34. That radius suffices for the backward too: a
+gradient injected at a tile's interior reaches back at most r_after(l) from it at layer l,
+and the forward value at layer l is exact at least r_before(l) inside the window, with
+r_after + r_before ≤ r; values further out are wrong but multiplied by zero gradients.
+
+**BatchNorm** (exact, statistics of the whole batch): see :class:`_BNSession`. Forward: for each
+BatchNorm k in execution order one no-grad sweep runs every tile up to BN k (earlier BNs use
+their already fixed statistics), accumulates Σx, Σx² of BN k's input over the tile's interior
+at that resolution (interiors partition every layer: the sums are exact; float64), and aborts
+the tile. Then BN k's mean/biased variance are fixed and its running statistics updated as
+``nn.BatchNorm2d`` does. A last sweep produces the output. Backward, by linearity: with fixed
+statistics ``dx = γ/σ·(g − S1/N − x̂·S2/N)``, S1 = Σg, S2 = Σg·x̂. Per tile the region output's
+gradient masked to the tile's interior is injected, and at each BN the correction
+``−γ/σ·(S1/N + x̂·S2/N)`` masked to the tile's interior; summed over tiles this is the exact
+backward. For BN j from last to first, one sweep recomputes every tile (no grad up to BN j,
+with grad after it) and backpropagates to BN j's output only, accumulating S1_j, S2_j over
+the window; a final sweep backpropagates to parameters and region inputs. ``bn1`` is owned by
+E (E updates its running statistics); D borrows its statistics and gets its own correction
+sums from D's gradient (the skip path) — correct because the backward is linear in g.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memtrain.errors import StrategyError
+from memtrain.strategies.base import Stage, Strategy
+from memtrain.strategies.registry import register
+
+ALIGN = 32  # window origins and tile sides: the U-Net's total stride
+# `tile` without a variant: 256 px tiles from 512² up (window 320² with the 32 px halo: 1.56× the interior;
+# measured: amp,tile,checkpoint:full,quant at 2048² holds 639 MiB with 256 px tiles, 1,563 MiB with 1024 px
+# tiles, whose per-tile working set dominates), smaller images the largest side giving ≥ 2 tiles per side.
+AUTO_SIDES = (256, 128, 64, 32)
+_MARK = "_memtrain_tile"
+
+
+# -- geometry -------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class TileWindow:
+    """One tile in full-resolution pixels: interior [iy0, iy1) × [ix0, ix1), window [wy0, wy1) × [wx0, wx1)."""
+
+    iy0: int
+    iy1: int
+    ix0: int
+    ix1: int
+    wy0: int
+    wy1: int
+    wx0: int
+    wx1: int
+
+    def window(self, t: torch.Tensor, stride: int) -> torch.Tensor:
+        """The window of a whole tensor at ``stride`` (full-resolution px per pixel)."""
+        return t[..., self.wy0 // stride : self.wy1 // stride, self.wx0 // stride : self.wx1 // stride]
+
+    def interior(self, local: torch.Tensor) -> tuple[slice, slice]:
+        """The interior's index slices inside a window-local tensor (its stride follows from its size)."""
+        s = (self.wy1 - self.wy0) // local.shape[-2]
+        return (slice((self.iy0 - self.wy0) // s, (self.iy1 - self.wy0) // s), slice((self.ix0 - self.wx0) // s, (self.ix1 - self.wx0) // s))
+
+    def whole_interior(self, stride: int) -> tuple[slice, slice]:
+        return (slice(self.iy0 // stride, self.iy1 // stride), slice(self.ix0 // stride, self.ix1 // stride))
+
+
+def make_tiles(height: int, width: int, side: int, halo: int) -> list[TileWindow]:
+    """Interiors of ``side`` partitioning height × width (the last ones clipped), each with its halo window."""
+    out = []
+    for y0 in range(0, height, side):
+        y1 = min(height, y0 + side)
+        for x0 in range(0, width, side):
+            x1 = min(width, x0 + side)
+            out.append(TileWindow(y0, y1, x0, x1, max(0, y0 - halo), min(height, y1 + halo), max(0, x0 - halo), min(width, x1 + halo)))
+    return out
+
+
+def auto_side(height: int, width: int) -> int:
+    """``tile`` without a variant: the largest of 256/128/64/32 giving ≥ 2 tiles along the shorter side (see AUTO_SIDES)."""
+    short = min(height, width)
+    return next((s for s in AUTO_SIDES if math.ceil(short / s) >= 2), AUTO_SIDES[-1])
+
+
+def receptive_radius(path: list) -> int:
+    """Full-resolution receptive radius of a chain: ``path`` items are modules (convs/pools counted, others ignored) or ('up', source_stride)."""
+    stride, radius = 1, 0
+    for item in path:
+        if isinstance(item, tuple):
+            _, src = item
+            radius += src  # nearest upsampling: one source pixel of slack
+            stride = src // 2
+            continue
+        for m in item.modules() if isinstance(item, nn.Module) else ():
+            if isinstance(m, (nn.Conv2d, nn.MaxPool2d)):
+                k = m.kernel_size if isinstance(m.kernel_size, tuple) else (m.kernel_size, m.kernel_size)
+                d = m.dilation if isinstance(m.dilation, tuple) else (m.dilation, m.dilation)
+                s = m.stride if isinstance(m.stride, tuple) else (m.stride, m.stride)
+                radius += max(di * (ki - 1) // 2 for di, ki in zip(d, k)) * stride
+                stride *= max(s)
+    return radius
+
+
+def halo_for(radius: int) -> int:
+    return ALIGN * math.ceil(radius / ALIGN)
+
+
+# -- BatchNorm with fixed statistics -------------------------------------------------------------
+class _Abort(Exception):
+    """Private control flow: a stats sweep stops the tile at its target BN."""
+
+
+def _bshape(v: torch.Tensor) -> torch.Tensor:
+    return v[None, :, None, None]
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """BatchNorm arithmetic: float32 for 16-bit and float32 inputs, float64 for float64."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+class _FixedBN(torch.autograd.Function):
+    """BatchNorm with fixed (batch) statistics; its backward adds the global correction on the tile interior.
+
+    ``corr`` is ``(S1/N, S2/N, interior slices)`` or ``None`` (no correction: eval-mode BN, or a
+    BN whose sums are not yet known because the backward stops at its output).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, invstd, corr):
+        cd = _compute_dtype(x)
+        xhat = (x.to(cd) - _bshape(mean.to(cd))) * _bshape(invstd.to(cd))
+        y = xhat * _bshape(weight.to(cd)) + _bshape(bias.to(cd))
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.corr = corr
+        return y.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, weight, mean, invstd = ctx.saved_tensors
+        cd = _compute_dtype(x)
+        g32 = g.to(cd)
+        mean, invstd = mean.to(cd), invstd.to(cd)
+        xhat = (x.to(cd) - _bshape(mean)) * _bshape(invstd)
+        dweight = (g32 * xhat).sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dbias = g32.sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            scale = _bshape(weight.to(cd) * invstd)
+            dx = g32 * scale
+            if ctx.corr is not None:
+                m1, m2, (ys, xs) = ctx.corr
+                dx[..., ys, xs] -= scale * (_bshape(m1.to(cd)) + xhat[..., ys, xs] * _bshape(m2.to(cd)))
+            dx = dx.to(x.dtype)
+        return dx, dweight, dbias, None, None, None
+
+
+@dataclass
+class _Stats:
+    mean: torch.Tensor  # float32
+    invstd: torch.Tensor  # float32
+    count: int  # N·H·W at the BN's resolution
+
+
+@dataclass
+class _BNSession:
+    """What every BatchNorm of a region does during one tile's run.
+
+    ``mode``: ``"stats"`` — BNs before ``target`` normalise with fixed statistics, ``target``
+    accumulates Σx, Σx² over the tile interior and aborts the tile; ``"apply"`` — every BN
+    normalises with fixed statistics (its backward adds the correction where ``sums`` has
+    it); in ``"apply"`` with ``start`` set, the tile runs without grad up to ``start``'s
+    output, which becomes a leaf requiring grad (``captured``) and grad is on after it.
+    Cost per forward: one partial no-grad sweep per batch-dependent BN, plus the output sweep;
+    per backward: one recompute + partial backward per batch-dependent BN, plus the full one.
+    """
+
+    tile: TileWindow
+    stats: dict
+    mode: str = "apply"
+    target: nn.Module | None = None
+    acc: list | None = None
+    sums: dict = field(default_factory=dict)
+    start: nn.Module | None = None
+    captured: tuple | None = None
+
+    def __call__(self, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        if not _batch_dependent(bn):
+            return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        if self.mode == "stats" and bn is self.target:
+            ys, xs = self.tile.interior(x)
+            xi = x[..., ys, xs].double()
+            self.acc[0] += xi.sum((0, 2, 3))
+            self.acc[1] += (xi * xi).sum((0, 2, 3))
+            self.acc[2] += xi.numel() // xi.shape[1]
+            raise _Abort
+        st = self.stats[bn]
+        corr = None
+        if bn in self.sums:
+            m1, m2 = self.sums[bn]
+            corr = (m1, m2, self.tile.interior(x))
+        if bn is self.start:
+            with torch.no_grad():
+                y = _FixedBN.apply(x, bn.weight, bn.bias, st.mean, st.invstd, None)
+            y = y.detach().requires_grad_(True)
+            self.captured = (x.detach(), y)
+            torch.set_grad_enabled(True)  # the rest of the tile is differentiated; the caller's no_grad restores
+            return y.clone()  # not the leaf itself: the next op may be an in-place ReLU
+        return _FixedBN.apply(x, bn.weight, bn.bias, st.mean, st.invstd, corr)
+
+
+def _batch_dependent(bn: nn.BatchNorm2d) -> bool:
+    return bn.training or bn.running_mean is None
+
+
+def _finish_stats(bn: nn.BatchNorm2d, acc: list, update: bool) -> _Stats:
+    """Mean and biased variance from the sums; running statistics updated as ``nn.BatchNorm2d`` does."""
+    s1, s2, n = acc
+    mean = s1 / n
+    var = (s2 / n - mean * mean).clamp_min(0)
+    if update and bn.training and bn.track_running_stats and bn.running_mean is not None:
+        with torch.no_grad():
+            bn.num_batches_tracked.add_(1)
+            factor = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
+            bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
+            bn.running_var.mul_(1 - factor).add_((var * (n / max(n - 1, 1)) * factor).to(bn.running_var.dtype))
+    cd = torch.float64 if bn.weight is not None and bn.weight.dtype == torch.float64 else torch.float32
+    return _Stats(mean.to(cd), torch.rsqrt(var + bn.eps).to(cd), n)
+
+
+# -- regions --------------------------------------------------------------------------------------
+@dataclass
+class Counters:
+    """How many tile runs each region did (mechanism tests read these)."""
+
+    forward: dict = field(default_factory=dict)  # region name -> tile runs in forward (stats + output sweeps)
+    backward: dict = field(default_factory=dict)  # region name -> tile runs in backward (sweeps + final)
+
+    def add(self, kind: str, name: str, n: int = 1) -> None:
+        d = getattr(self, kind)
+        d[name] = d.get(name, 0) + n
+
+
+class _Region:
+    """One tiled region: ``fn(*windows)`` over inputs at ``in_strides``, output at ``out_stride``."""
+
+    def __init__(self, tiling: Tiling, name: str, fn, bns: list, owned: list, modules: list, in_strides: tuple, out_stride: int, radius: int) -> None:
+        self.tiling, self.name, self.fn = tiling, name, fn
+        self.bns, self.owned = bns, owned  # execution order; owned: whose statistics this region computes
+        self.params = list(dict.fromkeys(p for m in modules for p in m.parameters()))
+        self.in_strides, self.out_stride = in_strides, out_stride
+        self.radius, self.halo = radius, halo_for(radius)
+
+    def tiles(self, inputs) -> list[TileWindow]:
+        h, w = (inputs[0].shape[-2] * self.in_strides[0], inputs[0].shape[-1] * self.in_strides[0])
+        return make_tiles(h, w, self.tiling.side_for(h, w), self.halo)
+
+    def _run(self, session: _BNSession, inputs, grad: bool):
+        windows = [session.tile.window(t, s) for t, s in zip(inputs, self.in_strides)]
+        if grad:
+            windows = [w.detach().requires_grad_(w.is_floating_point()) for w in windows]
+        tiling = self.tiling
+        tiling.active = session
+        try:
+            with torch.set_grad_enabled(grad):
+                return windows, self.fn(*windows)
+        finally:
+            tiling.active = None
+
+    # forward ------------------------------------------------------------------------------------
+    def forward(self, inputs, stats: dict, *, update: bool = True, count: str = "forward") -> torch.Tensor:
+        """The region's whole output; fixes (and records in ``stats``) the statistics of its owned batch-dependent BNs."""
+        tiles = self.tiles(inputs)
+        for bn in self.owned:
+            if not _batch_dependent(bn):
+                continue
+            ref = inputs[0]
+            acc = [ref.new_zeros(bn.num_features, dtype=torch.float64), ref.new_zeros(bn.num_features, dtype=torch.float64), 0]
+            for t in tiles:
+                try:
+                    self._run(_BNSession(t, stats, mode="stats", target=bn, acc=acc), inputs, grad=False)
+                except _Abort:
+                    pass
+            self.tiling.counters.add(count, self.name, len(tiles))
+            stats[bn] = _finish_stats(bn, acc, update)
+        out = None
+        for t in tiles:
+            _, y = self._run(_BNSession(t, stats), inputs, grad=False)
+            if out is None:
+                n, c = y.shape[:2]
+                h, w = inputs[0].shape[-2] * self.in_strides[0] // self.out_stride, inputs[0].shape[-1] * self.in_strides[0] // self.out_stride
+                out = y.new_empty((n, c, h, w))
+            ys, xs = t.interior(y)
+            out[..., t.whole_interior(self.out_stride)[0], t.whole_interior(self.out_stride)[1]] = y[..., ys, xs]
+        self.tiling.counters.add(count, self.name, len(tiles))
+        return out
+
+    # backward -----------------------------------------------------------------------------------
+    def _masked(self, grad_out: torch.Tensor, t: TileWindow, like: torch.Tensor) -> torch.Tensor:
+        g = torch.zeros_like(like)
+        ys, xs = t.interior(like)
+        wy, wx = t.whole_interior(self.out_stride)
+        g[..., ys, xs] = grad_out[..., wy, wx]
+        return g
+
+    def backward(self, inputs, grad_out: torch.Tensor, stats: dict, needs: tuple):
+        """Gradients of the region's inputs (None where not needed) and of ``self.params``."""
+        tiles = self.tiles(inputs)
+        sums: dict = {}
+        for bn in reversed(self.bns):
+            if not _batch_dependent(bn):
+                continue
+            s1 = s2 = None
+            for t in tiles:
+                session = _BNSession(t, stats, sums=sums, start=bn)
+                _, y = self._run(session, inputs, grad=False)
+                if session.captured is None:
+                    continue
+                x_bn, y_bn = session.captured
+                if not y.requires_grad:
+                    continue
+                (g,) = torch.autograd.grad(y, y_bn, self._masked(grad_out, t, y))
+                st = stats[bn]
+                xhat = (x_bn.double() - _bshape(st.mean.double())) * _bshape(st.invstd.double())
+                gd = g.double()
+                a, b = gd.sum((0, 2, 3)), (gd * xhat).sum((0, 2, 3))
+                s1, s2 = (a, b) if s1 is None else (s1 + a, s2 + b)
+            self.tiling.counters.add("backward", self.name, len(tiles))
+            n = stats[bn].count
+            zero = inputs[0].new_zeros(bn.num_features, dtype=torch.float32)
+            sums[bn] = (s1 / n, s2 / n) if s1 is not None else (zero, zero)  # float64; cast where used
+        grads_in = [torch.zeros_like(t) if need else None for t, need in zip(inputs, needs)]
+        grads_p: list = [None] * len(self.params)
+        for t in tiles:
+            windows, y = self._run(_BNSession(t, stats, sums=sums), inputs, grad=True)
+            want = [w for w, need in zip(windows, needs) if need]
+            params = [p for p in self.params if p.requires_grad]
+            got = torch.autograd.grad(y, [*want, *params], self._masked(grad_out, t, y), allow_unused=True)
+            it = iter(got)
+            for i, need in enumerate(needs):
+                if need:
+                    gw = next(it)
+                    if gw is not None:
+                        t.window(grads_in[i], self.in_strides[i]).add_(gw)
+            for j, p in enumerate(self.params):
+                if p.requires_grad:
+                    gp = next(it)
+                    if gp is not None:
+                        grads_p[j] = gp if grads_p[j] is None else grads_p[j] + gp
+        self.tiling.counters.add("backward", self.name, len(tiles))
+        return grads_in, grads_p
+
+
+class _RegionFunction(torch.autograd.Function):
+    """One tiled region as a whole-tensor op: saves only its whole inputs."""
+
+    @staticmethod
+    def forward(ctx, region: _Region, n_inputs: int, *args):
+        inputs, params = args[:n_inputs], args[n_inputs:]
+        device_type = inputs[0].device.type
+        ctx.autocast = _autocast_state(device_type)
+        ctx.region = region
+        stats = region.tiling.step_stats
+        out = region.forward(inputs, stats)
+        ctx.stats = dict(stats)
+        ctx.n_inputs = n_inputs
+        ctx.save_for_backward(*inputs)
+        del params
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        region: _Region = ctx.region
+        inputs = ctx.saved_tensors
+        needs = tuple(ctx.needs_input_grad[2 : 2 + ctx.n_inputs])
+        with torch.autocast(**ctx.autocast):
+            grads_in, grads_p = region.backward(inputs, grad_out, ctx.stats, needs)
+        return (None, None, *grads_in, *grads_p)
+
+
+def _autocast_state(device_type: str) -> dict:
+    enabled = torch.is_autocast_enabled(device_type)
+    dtype = torch.get_autocast_dtype(device_type)
+    return {"device_type": device_type, "enabled": enabled, "dtype": dtype}
+
+
+# -- the model program ----------------------------------------------------------------------------
+class _TiledBN:
+    """Instance-level forward of a BatchNorm inside a tiled region: the active session decides; outside, its own forward."""
+
+    def __init__(self, bn: nn.BatchNorm2d, tiling: Tiling) -> None:
+        self.bn, self.tiling = bn, tiling
+
+    def __call__(self, x):
+        session = self.tiling.active
+        if session is None:
+            return type(self.bn).forward(self.bn, x)
+        return session(self.bn, x)
+
+
+def _bns(module: nn.Module) -> list[nn.BatchNorm2d]:
+    return [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+def _run_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """An encoder stage as momentum may have left it: MomentumNet children run their plain equations.
+
+    Inside a tiled region nothing is stored between forward and backward anyway, so the
+    inversion (which MomentumNet uses to avoid storing) has nothing to save; the plain
+    equations are the same function (``momentum:reference``'s arithmetic).
+    """
+    from memtrain.strategies.momentum import InvertibleMomentumNet
+
+    for child in stage.children() if isinstance(stage, nn.Sequential) else [stage]:
+        x = child.plain_forward(x) if isinstance(child, InvertibleMomentumNet) else child(x)
+    return x
+
+
+class Tiling:
+    """The tiled program installed as ``model.forward`` (instance level; :func:`remove_tiling` restores)."""
+
+    def __init__(self, model: nn.Module, side: int | None) -> None:
+        self.model = model
+        self.side = side  # None: auto from the input size
+        self.active: _BNSession | None = None
+        self.step_stats: dict = {}
+        self.counters = Counters()
+        enc, dec = model.encoder, model.decoder
+        b2, b3, b4, head = dec.blocks[2], dec.blocks[3], dec.blocks[4], model.segmentation_head
+        stem = [enc.conv1, enc.bn1, enc.relu]
+
+        def run_e(x):
+            return _run_stage(enc.layer1, enc.maxpool(enc.relu(enc.bn1(enc.conv1(x)))))
+
+        def run_d(d1, f2, x):
+            y = type(b2).forward(b2, d1, f2.shape[-2], f2.shape[-1], f2)
+            f1 = enc.relu(enc.bn1(enc.conv1(x)))  # the stem again, per tile, with E's statistics for bn1
+            y = type(b3).forward(b3, y, f1.shape[-2], f1.shape[-1], f1)
+            y = type(b4).forward(b4, y, x.shape[-2], x.shape[-1], None)
+            return type(head).forward(head, y)
+
+        e_bns = _bns(enc.bn1) + _bns(enc.layer1)
+        d_bns = [*_bns(b2), enc.bn1, *_bns(b3), *_bns(b4), *_bns(head)]  # execution order of run_d
+        r_e = receptive_radius([enc.conv1, enc.maxpool, enc.layer1])
+        r_d = max(
+            receptive_radius([("up", 8), b2, ("up", 4), b3, ("up", 2), b4, head]),
+            receptive_radius([enc.conv1, ("up", 2), b4, head]) + receptive_radius([b3]) * 2,
+        )
+        self.encoder_region = _Region(self, "encoder", run_e, e_bns, e_bns, [*stem, enc.maxpool, enc.layer1], (1,), 4, r_e)
+        self.decoder_region = _Region(self, "decoder", run_d, d_bns, [b for b in d_bns if b is not enc.bn1], [b2, b3, b4, head, *stem], (8, 4, 1), 1, r_d)
+        self.tiled_modules = (enc.conv1, enc.bn1, enc.layer1, b2, b3, b4, head)
+        for bn in dict.fromkeys(e_bns + d_bns):
+            bn.forward = _TiledBN(bn, self)
+
+    def side_for(self, height: int, width: int) -> int:
+        return self.side if self.side is not None else auto_side(height, width)
+
+    def _region(self, region: _Region, *inputs: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or any(p.requires_grad for p in region.params)):
+            return _RegionFunction.apply(region, len(inputs), *inputs, *region.params)
+        return region.forward(inputs, self.step_stats)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        model = self.model
+        model.check_input_shape(x)
+        enc, dec = model.encoder, model.decoder
+        f2 = self._region(self.encoder_region, x)
+        f3 = enc.layer2(f2)
+        f4 = enc.layer3(f3)
+        f5 = enc.layer4(f4)
+        y = dec.center(f5)
+        y = dec.blocks[0](y, f4.shape[-2], f4.shape[-1], f4)
+        d1 = dec.blocks[1](y, f3.shape[-2], f3.shape[-1], f3)
+        return self._region(self.decoder_region, d1, f2, x)
+
+
+NEEDS = "an smp U-Net with a ResNet encoder of depth 5 and 5 decoder blocks with BatchNorm, no classification head"
+
+
+def _supported(model: nn.Module) -> str | None:
+    from memtrain.strategies.checkpoint import _supported as unet_problem
+
+    problem = unet_problem(model)
+    if problem is not None:
+        return problem
+    if model.encoder._depth != 5 or len(model.decoder.blocks) != 5:
+        return f"encoder depth {model.encoder._depth}, {len(model.decoder.blocks)} decoder blocks"
+    if getattr(model, "classification_head", None) is not None:
+        return "the model has a classification head"
+    for name in ("conv1", "bn1"):
+        if not isinstance(getattr(model.encoder, name), nn.Conv2d if name == "conv1" else nn.BatchNorm2d):
+            return f"model.encoder.{name} is {type(getattr(model.encoder, name)).__name__} (fused by quant:qat?)"
+    return None
+
+
+def apply_tiling(model: nn.Module, side: int | None) -> nn.Module:
+    """Install the tiled program into ``model`` (in place); ``side`` None picks it from each input's size."""
+    problem = _supported(model)
+    if problem is not None:
+        raise StrategyError(f"tile: needs {NEEDS}; {problem}")
+    if tiling_of(model) is not None:
+        raise StrategyError("tile: the model is already tiled")
+    tiling = Tiling(model, side)
+    model.forward = tiling
+    object.__setattr__(model, _MARK, tiling)
+    return model
+
+
+def tiling_of(model: nn.Module) -> Tiling | None:
+    """The :class:`Tiling` installed in ``model``, or None."""
+    found = model.__dict__.get(_MARK)
+    return found if isinstance(found, Tiling) else None
+
+
+def tiled_modules(model: nn.Module) -> tuple[nn.Module, ...]:
+    """Modules run inside tiled regions (``checkpoint`` leaves them alone); empty when not tiled."""
+    tiling = tiling_of(model)
+    return tiling.tiled_modules if tiling is not None else ()
+
+
+def remove_tiling(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_tiling`: the model and its BatchNorms run their class forwards again."""
+    for m in model.modules():
+        if isinstance(m.__dict__.get("forward"), (_TiledBN, Tiling)):
+            del m.forward
+    model.__dict__.pop(_MARK, None)
+    return model
+
+
+@register
+class Tile(Strategy):
+    """Exact tiled training of the U-Net's full-resolution stages (stem, layer1, decoder blocks 2–4, head).
+
+    Memory saved: the activations at ¼ resolution and finer are never held for the whole
+    image — only each tile's window while it runs — so the step's peak grows with the whole
+    tensors that cross into the middle (``f2`` at ¼, the one-channel output) instead of the
+    stages' full working set: nearly flat in the image area next to ``none``. Time paid:
+    extra passes over the tiled stages (≈ 36 % of the U-Net's FLOPs): BatchNorm with
+    whole-batch statistics costs one partial no-grad forward sweep per BN in forward and one
+    recompute + partial backward per BN in backward, plus halo overlap. Accuracy risk: none
+    — outputs, gradients and BatchNorm buffers equal the untiled step within float32 rounding.
+    """
+
+    name = "tile"
+    stage = Stage.TILE
+    summary = "tile the full-resolution stages with exact BatchNorm: memory ~flat in the image area, for extra forward passes of those stages"
+    variants = ("auto",)
+    size_polynomial: ClassVar[bool] = False
+    # CPU: measured by benchmarks/tile.py at 256² (tile:128 auto, 2 × 2 tiles; process time, interleaved):
+    # 8.96× `none`, FLOPs 4.03×. GPU: assumed the FLOP ratio (not measured on a GPU).
+    time_cost = 4.0
+    time_cost_cpu = 9.0
+
+    @classmethod
+    def accepts_variant(cls, variant: str) -> bool:
+        return variant in cls.variants or (variant.isdigit() and int(variant) > 0 and int(variant) % ALIGN == 0)
+
+    @classmethod
+    def variant_error(cls, text: str) -> str:
+        return f"--strategies: '{text}': tile takes ':PX', the tile side in pixels, a positive multiple of {ALIGN} (e.g. tile:256), or no variant"
+
+    @property
+    def side(self) -> int | None:
+        return None if self.variant == "auto" else int(self.variant)
+
+    @property
+    def spec(self) -> str:
+        return self.name if self.variant == "auto" else f"{self.name}:{self.variant}"
+
+    def check(self, plan) -> None:
+        quant = plan.get("quant")
+        if quant is not None and quant.variant == "qat":
+            raise StrategyError(
+                f"--strategies {plan.label}: quant:qat fuses BatchNorm into the convolutions and its observers update "
+                "their ranges from every tile they see, so a tiled step cannot reproduce the whole-image step; use quant:int8/fp8 with tile"
+            )
+        for s in plan.strategies:
+            if s.stage == Stage.PLACEMENT:
+                raise StrategyError(
+                    f"--strategies {plan.label}: tile with {s.name} is not supported: rpc and pipeline run the encoder and decoder "
+                    "as separate shards, while tile's regions span both (the decoder region recomputes the encoder stem); "
+                    "ddp with tile is not verified"
+                )
+
+    def transform(self, model: nn.Module) -> nn.Module:
+        return apply_tiling(model, self.side)
+
+
+__all__ = ["Tile", "TileWindow", "Tiling", "apply_tiling", "auto_side", "make_tiles", "receptive_radius", "remove_tiling", "tiled_modules", "tiling_of"]
