@@ -43,6 +43,7 @@ keep all five scales and shrink the window to the largest odd size that fits (9 
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
 import torch
@@ -58,7 +59,20 @@ K1, K2 = 0.01, 0.03
 WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)
 EPS = 1e-6  # below it a scale's term follows the power tail of the positive map (see the module docstring)
 TAIL = 0.1  # k of the tail: d log f / dt = k / (kε + ε − t), ~k/|t| for negative terms
-BAND_PIXELS = 1 << 17  # output pixels per band of rows (per image and channel): 512 KiB per float32 map
+# Bands of rows per scale, a fixed number at every image size: each band is a fixed fraction of its scale
+# (1/8 of the full-resolution image), so every tensor the loss makes has sides linear in the image side and
+# the same sequence of them at every size. `memtrain plan` relies on that to extrapolate a step's memory from
+# small sizes (memtrain.memory.scaling). A band needs more rows than the window's halo; smaller scales get fewer bands.
+BANDS = (8, 4, 2, 1, 1)
+
+
+def _bands(h: int, halo: int, level: int) -> list[tuple[int, int]]:
+    """Row ranges ``[r0, r1)`` of the input rows of one scale, BANDS[level] of them (fewer when a band would not exceed ``halo``)."""
+    n = BANDS[min(level, len(BANDS) - 1)]
+    while n > 1 and h // n <= halo:
+        n //= 2
+    edges = [round(j * h / n) for j in range(n + 1)]
+    return list(itertools.pairwise(edges))
 
 
 def window_for(side: int) -> int:
@@ -83,16 +97,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _pool(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _pool(x: torch.Tensor, dtype: torch.dtype, level: int) -> torch.Tensor:
     """pytorch-msssim's 2× average pool (padding ``side % 2``) of ``x`` upcast to ``dtype``; upcast in bands of rows where it can."""
     h, w = x.shape[-2:]
     pad = (h % 2, w % 2)
     if x.dtype == dtype or h % 2:
         return F.avg_pool2d(x.to(dtype), 2, padding=pad)
     out = x.new_empty((*x.shape[:-2], h // 2, (w + 2 * pad[1] - 2) // 2 + 1), dtype=dtype)
-    rows = max(2, (BAND_PIXELS // max(w, 1)) // 2 * 2)
-    for r in range(0, h, rows):
-        out[..., r // 2 : (r + rows) // 2, :] = F.avg_pool2d(x[..., r : r + rows, :].to(dtype), 2, padding=(0, pad[1]))
+    for r0, r1 in _bands(h // 2, 0, level):
+        r0, r1 = 2 * r0, 2 * r1
+        out[..., r0 // 2 : r1 // 2, :] = F.avg_pool2d(x[..., r0:r1, :].to(dtype), 2, padding=(0, pad[1]))
     return out
 
 
@@ -113,7 +127,7 @@ def _unpool_add_(acc: torch.Tensor, g: torch.Tensor) -> None:
             acc[..., r0::2, c0::2].add_(g[..., i0 : i0 + len(rows), j0 : j0 + len(cols)], alpha=0.25)
 
 
-def _scale_pass(x, y, window, c1, c2, *, last: bool, grad_x: bool, grad_y: bool):
+def _scale_pass(x, y, window, c1, c2, *, level: int, last: bool, grad_x: bool, grad_y: bool):
     """One scale: per-image sums of the cs map (or, ``last``, of the SSIM map), and their gradients w.r.t. x and y.
 
     ``x``/``y`` may be of a lower precision than ``window`` (the compute dtype); bands are upcast one at a time.
@@ -127,9 +141,11 @@ def _scale_pass(x, y, window, c1, c2, *, last: bool, grad_x: bool, grad_y: bool)
     sums = torch.zeros(n, c, dtype=torch.float64, device=x.device)
     gx = torch.zeros(n, c, h, w, dtype=dtype, device=x.device) if grad_x else None
     gy = torch.zeros(n, c, h, w, dtype=dtype, device=x.device) if grad_y else None
-    step = max(2 * (win - 1), BAND_PIXELS // max(w, 1))  # the halo is win - 1 rows: at most half of a band
-    for o0 in range(0, ho, step):
-        o1 = min(ho, o0 + step)
+    # Band j covers output rows [r0, min(r1, ho)) and reads input rows [r0, min(r1, ho) + win - 1).
+    for o0, o1 in _bands(h, win - 1, level):
+        o1 = min(o1, ho)
+        if o1 <= o0:
+            continue
         xb = x[:, :, o0 : o1 + win - 1].to(dtype)
         yb = y[:, :, o0 : o1 + win - 1].to(dtype)
         maps = torch.cat([xb, yb, xb * xb, yb * yb, xb * yb], dim=1)
@@ -199,14 +215,14 @@ class _MSSSIMTerms(torch.autograd.Function):
         terms, grads_x, grads_y, npix = [], [], [], []
         for level in range(LEVELS):
             last = level == LEVELS - 1
-            s, gx, gy = _scale_pass(x, y, window, c1, c2, last=last, grad_x=grad_x, grad_y=grad_y)
+            s, gx, gy = _scale_pass(x, y, window, c1, c2, level=level, last=last, grad_x=grad_x, grad_y=grad_y)
             count = (x.shape[-2] - win + 1) * (x.shape[-1] - win + 1)
             terms.append(s / count)
             npix.append(count)
             grads_x.append(gx)
             grads_y.append(gy)
             if not last:
-                x, y = _pool(x, dtype), _pool(y, dtype)
+                x, y = _pool(x, dtype, level), _pool(y, dtype, level)
         ctx.npix = npix
         ctx.n_x, ctx.n_y = (LEVELS if grad_x else 0), (LEVELS if grad_y else 0)
         ctx.dtypes = (x_dtype, y_dtype)

@@ -152,6 +152,9 @@ def test_out_refuses_to_overwrite_an_existing_run(tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "config.yaml").write_text("kept: true\n")
+    (out / "checkpoints").mkdir()
+    (out / "checkpoints" / "last.ckpt").write_bytes(b"kept")
     proc = run_cli("fit", *TINY, "--out", str(out))
     assert_user_error(proc, "already holds a run", "--resume")
     assert (out / "config.yaml").read_text() == "kept: true\n"
+    assert (out / "checkpoints" / "last.ckpt").read_bytes() == b"kept"

@@ -50,9 +50,9 @@ ROUNDING_GRADIENT, ROUNDING_BUFFER = 1e-5, 1e-5  # exact strategies: measured 0.
 # Per-step |loss − reference loss| allowed when the first step's gradients are not bitwise equal. Adam
 # divides each step by the root of the squared gradients, so rounding-level differences on parameters
 # with near-zero gradients become lr-sized step differences: measured 1.1e-3 for momentum (gradients
-# 8.9e-6 apart) and 1.0e-2 for amp:bf16 over 5 steps (see the report printed with -s); 1 − MS-SSIM
-# starts near 0.9 here.
-LOSS_TOLERANCE = 0.02
+# 8.9e-6 apart), 1.0e-2 for amp:bf16 over 5 steps and 2.0e-2 for amp,quant:int8 at the 4th step with
+# memtrain's MS-SSIM (see the report printed with -s); 1 − MS-SSIM starts near 0.9 here.
+LOSS_TOLERANCE = 0.03
 COSINE = 0.99
 # The triples users try (amp+checkpoint+momentum and amp+quant+… are the ones the paper could not run),
 # and the benchmark's lowest-memory plan. Kept few: each case trains a U-Net (the matrix is the suite's

@@ -35,7 +35,7 @@ def test_size_model_equals_the_direct_estimate(model, size):
     assert extrapolated.step_peak == direct.step_peak > 0
 
 
-def test_planner_uses_cached_models_and_measures_size_dependent_strategies_directly():
+def test_planner_uses_cached_models_and_measures_size_dependent_strategies_directly(model):
     lines: list[str] = []
     # The model of the fixture above is cached on disk: a new planner (any size) reuses it without tracing.
     memory, how = estimate_memory("amp,checkpoint:blocks", size=1024, batch_size=1, encoder="resnet18", env=GPU)

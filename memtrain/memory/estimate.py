@@ -88,7 +88,9 @@ def measure_step(
     ``nvml`` on a GPU) unless ``backends`` says otherwise; fake runs only ``tensor``.
     """
     sizes = [size] * steps
-    return _run_steps(strategies, sizes=sizes, batch_size=batch_size, encoder=encoder, loss=loss, fake=fake, env=env, blocks=blocks, backends=backends, first=steps - 1)[0]
+    return _run_steps(
+        strategies, sizes=sizes, batch_size=batch_size, encoder=encoder, loss=loss, fake=fake, env=env, blocks=blocks, backends=backends, first=steps - 1
+    )[0]
 
 
 def measure_sizes(
@@ -103,7 +105,9 @@ def measure_sizes(
     :func:`measure_step`).
     """
     sizes = list(sizes)
-    return _run_steps(strategies, sizes=[sizes[0], *sizes], batch_size=batch_size, encoder=encoder, loss=loss, fake=True, env=env, blocks=False, events=True, first=1)
+    return _run_steps(
+        strategies, sizes=[sizes[0], *sizes], batch_size=batch_size, encoder=encoder, loss=loss, fake=True, env=env, blocks=False, events=True, first=1
+    )
 
 
 def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, env, blocks, backends=None, events=False, first=0) -> list[StepMemory]:
