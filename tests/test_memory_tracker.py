@@ -115,8 +115,9 @@ def test_phases_are_attributed_checkpointing_lowers_forward_not_backward(plain_r
     p, c = plain.summary(1), ckpt.summary(1)
     held_by_encoder = sum(v for k, v in plain.block_summary(1).items() if k.startswith("encoder."))
     assert held_by_encoder > 2 * 2**20
-    # The forward no longer holds the encoder's activations ...
-    assert c["forward"]["tensor_peak"] <= p["forward"]["tensor_peak"] - 0.9 * held_by_encoder
+    # The forward no longer holds the encoder's activations (measured: 81 % of them leave the forward peak at 128 px
+    # with the banded MS-SSIM, whose small working set moves the peak to where the encoder's stage outputs are live) ...
+    assert c["forward"]["tensor_peak"] <= p["forward"]["tensor_peak"] - 0.75 * held_by_encoder
     # ... the recomputation happens in the backward phase, whose peak does not drop.
     assert c["backward"]["tensor_peak"] >= 0.99 * p["backward"]["tensor_peak"]
     # Per block: the checkpointed encoder holds nothing after the forward; the decoder is unchanged.
