@@ -49,26 +49,9 @@ COLUMNS = ("size", "loss", "input", "image_mib", "forward_mib", "held_mib", "bac
 
 def peaks(name: str, size: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(forward peak, held after forward, backward peak) in bytes above the inputs, under fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from memtrain.memory.estimate import loss_memory
 
-    from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
-
-    loss_fn = build_loss(name)
-    with FakeTensorMode():
-        pred = torch.rand(1, 1, size, size, dtype=dtype).requires_grad_(True)
-        target = torch.rand(1, 1, size, size, dtype=dtype)
-        counter = LiveTensorBytes()
-        counter.track(pred)
-        counter.track(target)
-        base = counter.current
-        counter.reset_peak()
-        with TensorBytesMode(counter):
-            loss = loss_fn(pred, target)
-            forward, held = counter.peak - base, counter.current - base
-            counter.reset_peak()
-            loss.backward()
-            backward = counter.peak - base
-    return forward, held, backward
+    return loss_memory(build_loss(name), size, dtype)
 
 
 def time_losses(size: int, batch: int, repeats: int) -> dict[str, dict[str, list[float]]]:

@@ -181,24 +181,9 @@ def test_random_head_trains_from_the_first_step():
 
 def _peaks(loss_fn, size, dtype=torch.float32):
     """Peak tensor bytes above the inputs in the loss's forward and in its backward, under fake tensors."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
+    from memtrain.memory.estimate import loss_memory
 
-    from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
-
-    with FakeTensorMode():
-        pred = torch.rand(1, 1, size, size, dtype=dtype).requires_grad_(True)
-        target = torch.rand(1, 1, size, size, dtype=dtype)
-        counter = LiveTensorBytes()
-        counter.track(pred)
-        counter.track(target)
-        base = counter.current
-        counter.reset_peak()
-        with TensorBytesMode(counter):
-            loss = loss_fn(pred, target)
-            forward = counter.peak - base
-            counter.reset_peak()
-            loss.backward()
-            backward = counter.peak - base
+    forward, _, backward = loss_memory(loss_fn, size, dtype)
     return forward, backward
 
 

@@ -170,3 +170,26 @@ def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, e
     finally:
         tracker.close()
     return out
+
+
+def loss_memory(loss_fn, size: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
+    """(forward peak, held after forward, backward peak) of ``loss_fn`` alone, in bytes above its two inputs (fake tensors, batch 1)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
+
+    with FakeTensorMode():
+        pred = torch.rand(1, 1, size, size, dtype=dtype).requires_grad_(True)
+        target = torch.rand(1, 1, size, size, dtype=dtype)
+        counter = LiveTensorBytes()
+        counter.track(pred)
+        counter.track(target)
+        base = counter.current
+        counter.reset_peak()
+        with TensorBytesMode(counter):
+            loss = loss_fn(pred, target)
+            forward, held = counter.peak - base, counter.current - base
+            counter.reset_peak()
+            loss.backward()
+            backward = counter.peak - base
+    return forward, held, backward
