@@ -91,3 +91,15 @@ def test_variants_and_rejections():
         Plan.resolve("tile,quant:qat", cpu)
     with pytest.raises(StrategyError, match="tile with pipeline"):
         Plan.resolve("tile,pipeline", cpu)
+
+
+def test_fake_estimate_of_sampled_tiles_equals_the_real_step():
+    """A fake estimate runs two tiles per sweep (tile.sampled_tiles); a real step runs all nine: every phase's peak is equal."""
+    from memtrain.memory.estimate import measure_step
+    from memtrain.memory.tracker import PHASES
+
+    env = Environment.detect("cpu")
+    real = measure_step("tile:64", size=160, encoder="resnet18", env=env, fake=False, blocks=False)
+    fake = measure_step("tile:64", size=160, encoder="resnet18", env=env, fake=True, blocks=False)
+    assert {p: fake.peak(p) for p in PHASES} == {p: real.peak(p) for p in PHASES}
+    assert len(make_tiles(160, 160, 64, 32)) == 9

@@ -120,6 +120,7 @@ def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, e
     from memtrain.memory.step import TrainStep
     from memtrain.strategies import Environment, Plan
     from memtrain.strategies.amp import count_working_copies
+    from memtrain.strategies.tile import sampled_tiles
 
     env = env or Environment(device="cpu", native_bf16=False)
     plan = Plan.resolve(strategies, env)
@@ -136,11 +137,13 @@ def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, e
     tracker = MemoryTracker(torch_device, backends=backends, blocks=blocks, events=events)
     tensor = next((b for b in tracker.backends if b.name == "tensor"), None)
     fake_mode = FakeTensorMode() if fake else contextlib.nullcontext()
+    # Fake runs of a tiled step run the tiles that reach its peak, not all of them (memtrain.strategies.tile.sampled_tiles).
+    tiles = sampled_tiles() if fake else contextlib.nullcontext()
     # A CPU target's 16-bit convolutions run as float32 ones (memtrain.strategies.amp): count those copies.
     copies = count_working_copies(tensor.counter.track) if env.device == "cpu" and tensor is not None else contextlib.nullcontext()
     out: list[StepMemory] = []
     try:
-        with fake_mode, copies, run_plan.session():
+        with fake_mode, tiles, copies, run_plan.session():
             train = TrainStep(run_plan, model_cfg=ModelConfig(encoder=encoder), loss=loss, device=torch_device, foreach=env.device == "cuda", scaler=not fake)
             params = block_parameters(train.model) if blocks else {}
             for step, size in enumerate(sizes):

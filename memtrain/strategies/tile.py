@@ -44,6 +44,8 @@ sums from D's gradient (the skip path) — correct because the backward is linea
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -102,6 +104,38 @@ def make_tiles(height: int, width: int, side: int, halo: int) -> list[TileWindow
     return out
 
 
+def representative_tiles(tiles: list[TileWindow]) -> list[TileWindow]:
+    """For memory estimates: the first tile, then one with the largest window (see :func:`sampled_tiles`)."""
+    widest = max(tiles, key=lambda t: (t.wy1 - t.wy0, t.wx1 - t.wx0))
+    return [tiles[0], widest] if len(tiles) > 1 else tiles
+
+
+def all_tiles(tiles: list[TileWindow]) -> list[TileWindow]:
+    return tiles
+
+
+_SELECT = contextvars.ContextVar("memtrain_tile_select", default=all_tiles)
+
+
+@contextlib.contextmanager
+def sampled_tiles():
+    """Within this context every region runs only :func:`representative_tiles` per sweep — for fake-tensor estimates only.
+
+    A tile's run holds only its window's tensors; what outlives it is whole and allocated once
+    (the region's output, the input gradients) or of fixed size (the BatchNorm sums, the
+    parameter-gradient accumulators, which need a second tile to show their add). Every tile's
+    memory is that of its window, and the largest window is the largest in both axes at once,
+    so the first tile plus the widest one reach the same peak in every phase as all tiles do —
+    at any size, in a few seconds instead of minutes (tests/test_tile.py checks equality with the
+    full trace and with a real step). The values computed are meaningless: use it with fake tensors.
+    """
+    token = _SELECT.set(representative_tiles)
+    try:
+        yield
+    finally:
+        _SELECT.reset(token)
+
+
 def auto_side(height: int, width: int) -> int:
     """``tile`` without a variant: the largest of 256/128/64/32 giving ≥ 2 tiles along the shorter side (see AUTO_SIDES)."""
     short = min(height, width)
@@ -136,10 +170,6 @@ class _Abort(Exception):
     """Private control flow: a stats sweep stops the tile at its target BN."""
 
 
-def _bshape(v: torch.Tensor) -> torch.Tensor:
-    return v[None, :, None, None]
-
-
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
     """BatchNorm arithmetic: float32 for 16-bit and float32 inputs, float64 for float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -148,44 +178,61 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 class _FixedBN(torch.autograd.Function):
     """BatchNorm with fixed (batch) statistics; its backward adds the global correction on the tile interior.
 
-    ``corr`` is ``(S1/N, S2/N, interior slices)`` or ``None`` (no correction: eval-mode BN, or a
-    BN whose sums are not yet known because the backward stops at its output).
+    ``st`` holds the statistics and the affine parameters as ``(1, C, 1, 1)`` tensors in the
+    compute dtype, prepared once per step (:class:`_Stats`), so a tile's BatchNorm is four
+    elementwise ops. ``corr`` is ``(S1/N, S2/N, interior slices)`` (``(1, C, 1, 1)``) or ``None``
+    (no correction: eval-mode BN, or a BN whose sums are not yet known because the backward
+    stops at its output). ``weight`` and ``bias`` are inputs so that autograd returns their gradients.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean, invstd, corr):
-        cd = _compute_dtype(x)
-        xhat = (x.to(cd) - _bshape(mean.to(cd))) * _bshape(invstd.to(cd))
-        y = xhat * _bshape(weight.to(cd)) + _bshape(bias.to(cd))
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.corr = corr
+    def forward(ctx, x, weight, bias, st, corr):
+        cd = st.mean4.dtype
+        y = (x.to(cd) - st.mean4) * st.scale4 + st.bias4
+        ctx.save_for_backward(x)
+        ctx.st, ctx.corr, ctx.wdtype = st, corr, weight.dtype
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx, g):
-        x, weight, mean, invstd = ctx.saved_tensors
-        cd = _compute_dtype(x)
+        (x,) = ctx.saved_tensors
+        st = ctx.st
+        cd = st.mean4.dtype
         g32 = g.to(cd)
-        mean, invstd = mean.to(cd), invstd.to(cd)
-        xhat = (x.to(cd) - _bshape(mean)) * _bshape(invstd)
-        dweight = (g32 * xhat).sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        dbias = g32.sum((0, 2, 3)).to(weight.dtype) if ctx.needs_input_grad[2] else None
+        xhat = (x.to(cd) - st.mean4) * st.invstd4
+        dweight = (g32 * xhat).sum((0, 2, 3)).to(ctx.wdtype) if ctx.needs_input_grad[1] else None
+        dbias = g32.sum((0, 2, 3)).to(ctx.wdtype) if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:
-            scale = _bshape(weight.to(cd) * invstd)
-            dx = g32 * scale
+            dx = g32 * st.scale4
             if ctx.corr is not None:
                 m1, m2, (ys, xs) = ctx.corr
-                dx[..., ys, xs] -= scale * (_bshape(m1.to(cd)) + xhat[..., ys, xs] * _bshape(m2.to(cd)))
+                dx[..., ys, xs] -= st.scale4 * (m1 + xhat[..., ys, xs] * m2)
             dx = dx.to(x.dtype)
-        return dx, dweight, dbias, None, None, None
+        return dx, dweight, dbias, None, None
 
 
 @dataclass
 class _Stats:
-    mean: torch.Tensor  # float32
-    invstd: torch.Tensor  # float32
+    """One batch-dependent BN's statistics for this step, and what its tiles need as ``(1, C, 1, 1)`` tensors."""
+
+    mean: torch.Tensor  # compute dtype (float32, float64 for a float64 model)
+    invstd: torch.Tensor
     count: int  # N·H·W at the BN's resolution
+    mean4: torch.Tensor = field(init=False)
+    invstd4: torch.Tensor = field(init=False)
+    scale4: torch.Tensor = field(init=False)  # γ·invstd (1 without affine)
+    bias4: torch.Tensor = field(init=False)  # β (0 without affine)
+
+    def prepare(self, bn: nn.BatchNorm2d) -> _Stats:
+        """Fix the per-channel tensors from ``bn``'s current affine parameters (they do not change within a step)."""
+        cd = self.mean.dtype
+        self.mean4, self.invstd4 = self.mean.view(1, -1, 1, 1), self.invstd.view(1, -1, 1, 1)
+        with torch.no_grad():
+            w = bn.weight.detach().to(cd).view(1, -1, 1, 1) if bn.weight is not None else torch.ones_like(self.mean4)
+            self.scale4 = w * self.invstd4
+            self.bias4 = bn.bias.detach().to(cd).view(1, -1, 1, 1) if bn.bias is not None else torch.zeros_like(self.mean4)
+        return self
 
 
 @dataclass
@@ -227,12 +274,12 @@ class _BNSession:
             corr = (m1, m2, self.tile.interior(x))
         if bn is self.start:
             with torch.no_grad():
-                y = _FixedBN.apply(x, bn.weight, bn.bias, st.mean, st.invstd, None)
+                y = _FixedBN.apply(x, bn.weight, bn.bias, st, None)
             y = y.detach().requires_grad_(True)
             self.captured = (x.detach(), y)
             torch.set_grad_enabled(True)  # the rest of the tile is differentiated; the caller's no_grad restores
             return y.clone()  # not the leaf itself: the next op may be an in-place ReLU
-        return _FixedBN.apply(x, bn.weight, bn.bias, st.mean, st.invstd, corr)
+        return _FixedBN.apply(x, bn.weight, bn.bias, st, corr)
 
 
 def _batch_dependent(bn: nn.BatchNorm2d) -> bool:
@@ -251,7 +298,7 @@ def _finish_stats(bn: nn.BatchNorm2d, acc: list, update: bool) -> _Stats:
             bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
             bn.running_var.mul_(1 - factor).add_((var * (n / max(n - 1, 1)) * factor).to(bn.running_var.dtype))
     cd = torch.float64 if bn.weight is not None and bn.weight.dtype == torch.float64 else torch.float32
-    return _Stats(mean.to(cd), torch.rsqrt(var + bn.eps).to(cd), n)
+    return _Stats(mean.to(cd), torch.rsqrt(var + bn.eps).to(cd), n).prepare(bn)
 
 
 # -- regions --------------------------------------------------------------------------------------
@@ -279,7 +326,7 @@ class _Region:
 
     def tiles(self, inputs) -> list[TileWindow]:
         h, w = (inputs[0].shape[-2] * self.in_strides[0], inputs[0].shape[-1] * self.in_strides[0])
-        return make_tiles(h, w, self.tiling.side_for(h, w), self.halo)
+        return _SELECT.get()(make_tiles(h, w, self.tiling.side_for(h, w), self.halo))
 
     def _run(self, session: _BNSession, inputs, grad: bool):
         windows = [session.tile.window(t, s) for t, s in zip(inputs, self.in_strides)]
@@ -303,22 +350,25 @@ class _Region:
             ref = inputs[0]
             acc = [ref.new_zeros(bn.num_features, dtype=torch.float64), ref.new_zeros(bn.num_features, dtype=torch.float64), 0]
             for t in tiles:
-                try:
+                with contextlib.suppress(_Abort):
                     self._run(_BNSession(t, stats, mode="stats", target=bn, acc=acc), inputs, grad=False)
-                except _Abort:
-                    pass
             self.tiling.counters.add(count, self.name, len(tiles))
             stats[bn] = _finish_stats(bn, acc, update)
         out = None
-        for t in tiles:
-            _, y = self._run(_BNSession(t, stats), inputs, grad=False)
-            if out is None:
-                n, c = y.shape[:2]
-                h, w = inputs[0].shape[-2] * self.in_strides[0] // self.out_stride, inputs[0].shape[-1] * self.in_strides[0] // self.out_stride
-                out = y.new_empty((n, c, h, w))
-            ys, xs = t.interior(y)
-            out[..., t.whole_interior(self.out_stride)[0], t.whole_interior(self.out_stride)[1]] = y[..., ys, xs]
+        for t in tiles:  # each tile's body is a method call, so nothing of one tile is alive while the next runs
+            out = self._output_tile(t, inputs, stats, out)
         self.tiling.counters.add(count, self.name, len(tiles))
+        return out
+
+    def _output_tile(self, t: TileWindow, inputs, stats: dict, out: torch.Tensor | None) -> torch.Tensor:
+        _, y = self._run(_BNSession(t, stats), inputs, grad=False)
+        if out is None:
+            n, c = y.shape[:2]
+            h, w = inputs[0].shape[-2] * self.in_strides[0] // self.out_stride, inputs[0].shape[-1] * self.in_strides[0] // self.out_stride
+            out = y.new_empty((n, c, h, w))
+        ys, xs = t.interior(y)
+        wy, wx = t.whole_interior(self.out_stride)
+        out[..., wy, wx] = y[..., ys, xs]
         return out
 
     # backward -----------------------------------------------------------------------------------
@@ -336,45 +386,54 @@ class _Region:
         for bn in reversed(self.bns):
             if not _batch_dependent(bn):
                 continue
-            s1 = s2 = None
+            st = stats[bn]
+            acc = [st.mean.new_zeros(bn.num_features, dtype=torch.float64), st.mean.new_zeros(bn.num_features, dtype=torch.float64)]
             for t in tiles:
-                session = _BNSession(t, stats, sums=sums, start=bn)
-                _, y = self._run(session, inputs, grad=False)
-                if session.captured is None:
-                    continue
-                x_bn, y_bn = session.captured
-                if not y.requires_grad:
-                    continue
-                (g,) = torch.autograd.grad(y, y_bn, self._masked(grad_out, t, y))
-                st = stats[bn]
-                xhat = (x_bn.double() - _bshape(st.mean.double())) * _bshape(st.invstd.double())
-                gd = g.double()
-                a, b = gd.sum((0, 2, 3)), (gd * xhat).sum((0, 2, 3))
-                s1, s2 = (a, b) if s1 is None else (s1 + a, s2 + b)
+                self._sums_tile(t, bn, inputs, grad_out, stats, sums, acc)
             self.tiling.counters.add("backward", self.name, len(tiles))
-            n = stats[bn].count
-            zero = inputs[0].new_zeros(bn.num_features, dtype=torch.float32)
-            sums[bn] = (s1 / n, s2 / n) if s1 is not None else (zero, zero)  # float64; cast where used
+            cd = st.mean4.dtype
+            sums[bn] = ((acc[0] / st.count).to(cd).view(1, -1, 1, 1), (acc[1] / st.count).to(cd).view(1, -1, 1, 1))  # summed in float64
         grads_in = [torch.zeros_like(t) if need else None for t, need in zip(inputs, needs)]
         grads_p: list = [None] * len(self.params)
         for t in tiles:
-            windows, y = self._run(_BNSession(t, stats, sums=sums), inputs, grad=True)
-            want = [w for w, need in zip(windows, needs) if need]
-            params = [p for p in self.params if p.requires_grad]
-            got = torch.autograd.grad(y, [*want, *params], self._masked(grad_out, t, y), allow_unused=True)
-            it = iter(got)
-            for i, need in enumerate(needs):
-                if need:
-                    gw = next(it)
-                    if gw is not None:
-                        t.window(grads_in[i], self.in_strides[i]).add_(gw)
-            for j, p in enumerate(self.params):
-                if p.requires_grad:
-                    gp = next(it)
-                    if gp is not None:
-                        grads_p[j] = gp if grads_p[j] is None else grads_p[j] + gp
+            self._final_tile(t, inputs, grad_out, stats, sums, needs, grads_in, grads_p)
         self.tiling.counters.add("backward", self.name, len(tiles))
         return grads_in, grads_p
+
+    def _sums_tile(self, t: TileWindow, bn: nn.BatchNorm2d, inputs, grad_out, stats: dict, sums: dict, acc: list) -> None:
+        """Add this tile's S1 = Σg, S2 = Σg·x̂ at ``bn``'s output (float64) to ``acc``."""
+        session = _BNSession(t, stats, sums=sums, start=bn)
+        _, y = self._run(session, inputs, grad=False)
+        if session.captured is None or not y.requires_grad:
+            return
+        x_bn, y_bn = session.captured
+        (g,) = torch.autograd.grad(y, y_bn, self._masked(grad_out, t, y))
+        st = stats[bn]
+        xhat = (x_bn.double() - st.mean4.double()) * st.invstd4.double()
+        gd = g.double()
+        acc[0] += gd.sum((0, 2, 3))
+        acc[1] += (gd * xhat).sum((0, 2, 3))
+
+    def _final_tile(self, t: TileWindow, inputs, grad_out, stats: dict, sums: dict, needs: tuple, grads_in: list, grads_p: list) -> None:
+        """Backpropagate this tile: input gradients added into their windows, parameter gradients accumulated."""
+        windows, y = self._run(_BNSession(t, stats, sums=sums), inputs, grad=True)
+        want = [w for w, need in zip(windows, needs) if need]
+        params = [p for p in self.params if p.requires_grad]
+        got = torch.autograd.grad(y, [*want, *params], self._masked(grad_out, t, y), allow_unused=True)
+        it = iter(got)
+        for i, need in enumerate(needs):
+            if need:
+                gw = next(it)
+                if gw is not None:
+                    t.window(grads_in[i], self.in_strides[i]).add_(gw)
+        for j, p in enumerate(self.params):
+            if p.requires_grad:
+                gp = next(it)
+                if gp is not None:
+                    if grads_p[j] is None:
+                        grads_p[j] = gp
+                    else:
+                        grads_p[j].add_(gp)
 
 
 class _RegionFunction(torch.autograd.Function):
@@ -621,4 +680,16 @@ class Tile(Strategy):
         return apply_tiling(model, self.side)
 
 
-__all__ = ["Tile", "TileWindow", "Tiling", "apply_tiling", "auto_side", "make_tiles", "receptive_radius", "remove_tiling", "tiled_modules", "tiling_of"]
+__all__ = [
+    "Tile",
+    "TileWindow",
+    "Tiling",
+    "apply_tiling",
+    "auto_side",
+    "make_tiles",
+    "receptive_radius",
+    "remove_tiling",
+    "sampled_tiles",
+    "tiled_modules",
+    "tiling_of",
+]
