@@ -1,18 +1,19 @@
 """One vocabulary across the subcommands: the canonical flag names, the old spellings they replace, the ``--strategies`` grammar.
 
-Every flag that names the same thing has one name in every subcommand:
+A flag means the same in every subcommand that takes it:
 
-- ``--memory-budget SIZE``: the device memory a command may plan for (``8GiB``, ``24GB``, ``512MiB`` or bytes);
-- ``--device {auto,cpu,cuda}``: where the command runs (``plan``: the device it plans for);
-- ``--batch-size N``: images per step, default :data:`BATCH_SIZE` in every subcommand, so that a plan is
-  made for the batch that ``memtrain fit`` trains;
-- ``--strategies``: a comma list is ONE plan (``amp,checkpoint``) everywhere. ``fit`` trains one plan;
-  ``plan``, ``compare`` and ``calibrate`` take several, by repeating ``--strategies`` or by separating them
-  with ``;`` (``--strategies none --strategies amp,checkpoint`` = ``--strategies 'none;amp,checkpoint'``).
+- ``--memory-budget SIZE``: the device memory the command may plan for (``8GiB``, ``24GB``, ``512MiB`` or bytes).
+- ``--device {auto,cpu,cuda}``: where the command runs; ``auto`` is CUDA when present. ``plan``: the device the
+  plan is for, ``cuda`` by default (the training machine, not necessarily this one).
+- ``--batch-size N``: images per step, default 1 in ``fit``, ``plan``, ``compare`` and ``calibrate``, so that a
+  plan made with the defaults is for the batch ``fit`` trains.
+- ``--strategies``: a comma list is ONE plan (``amp,checkpoint``). ``fit`` trains one plan; ``plan``,
+  ``compare`` and ``calibrate`` take several, by repeating the flag or separating plans with ``;``
+  (``--strategies none --strategies amp,checkpoint`` is ``--strategies 'none;amp,checkpoint'``).
+- ``--steps N``: measured steps, after one warm-up step that is left out.
 
-The old spellings in :data:`RENAMED` (flags) and :data:`RENAMED_KEYS` (YAML keys) keep working for one more
-release: each use prints one line ``memtrain: warning: OLD is deprecated; use NEW``. This module imports
-neither torch nor the rest of memtrain at import time, so building the command line stays cheap.
+The old spellings in ``RENAMED`` (flags) and ``RENAMED_KEYS`` (YAML keys) keep working for one more release;
+each use prints one line ``memtrain: warning: OLD is deprecated; use NEW``.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from collections.abc import Callable, Iterable
 
 # Images per step in every subcommand that takes --batch-size (fit, plan, compare, calibrate). One image is
 # what high-resolution training runs (the paper's 1024² and 2048² presets) and what every measured figure uses.
+# The import of this module stays cheap (no torch): the command line is built from it.
 BATCH_SIZE = 1
 
 DEVICES = ("auto", "cpu", "cuda")

@@ -8,6 +8,7 @@ import pytest
 from conftest import run_cli
 
 from memtrain import config as C
+from memtrain import vocabulary
 from memtrain.cli import SUBCOMMANDS, build_parser
 from memtrain.cli.fit import resolve_config
 from memtrain.errors import ConfigError
@@ -83,6 +84,7 @@ def test_shared_flags_have_the_same_choices_and_defaults_everywhere():
         assert len(set(seen.values())) == 1, f"{flag} differs between subcommands: {seen}"
     batch = {name: _default_and_choices(name, _options(p)[0]["--batch-size"])[0] for name, p in subs.items() if "--batch-size" in _options(p)[0]}
     assert set(batch) == {"fit", "plan", "compare", "calibrate"} and set(batch.values()) == {BATCH_SIZE}, batch
+    assert f"default {BATCH_SIZE} in" in vocabulary.__doc__  # the docs' "Shared flags" section is that docstring
     devices = {name: _default_and_choices(name, _options(p)[0]["--device"])[1] for name, p in subs.items() if "--device" in _options(p)[0]}
     assert set(devices) == {"fit", "plan", "compare", "enhance"} and set(devices.values()) == {DEVICES}, devices
 

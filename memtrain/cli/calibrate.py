@@ -33,7 +33,12 @@ def add_parser(sub) -> None:
     p.add_argument("--sizes", default="256,384,512", help="comma-separated image sides, multiples of 32 [default: 256,384,512]")
     p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per step, as in `memtrain fit --batch-size` [default: {BATCH_SIZE}]")
     p.add_argument("--encoder", default="resnet34", help="smp encoder of the U-Net [default: resnet34]")
-    p.add_argument("--steps", type=int, default=2, help="steps per run; the last is measured [default: 2]")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="measured steps per run, after one warm-up step that is left out (as in `memtrain compare`); the last one's peaks are kept [default: 1]",
+    )
     p.add_argument(
         "--out", metavar="FILE", help="where to write the model [default: the file plan reads: MEMTRAIN_CACHE_DIR or ~/.cache/memtrain/headroom-cuda.json]"
     )
@@ -79,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         sizes,
         batch_size=args.batch_size,
         encoder=args.encoder,
-        steps=args.steps,
+        steps=1 + args.steps,  # the warm-up step, then --steps measured ones
         progress=lambda line: print(f"memtrain calibrate: {line}", file=sys.stderr, flush=True),
     )
     source = f"memtrain calibrate on {device} (torch {torch.__version__}, memtrain {__version__}; {len(rows)} runs at {','.join(map(str, sizes))} px)"

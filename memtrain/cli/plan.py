@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
         "plans to consider instead of all of them (every checkpoint granularity, quant:int8, offload on CUDA; no torchrun placements):"
         " a comma list is one plan; repeat the flag or separate plans with ';', e.g. 'none;amp;amp,tf32'",
     )
-    p.add_argument("--headroom", help="memory kept free for the CUDA context and workspaces [default: the headroom model's fixed part]")
+    p.add_argument("--headroom", metavar="SIZE", help="memory kept free for the CUDA context and workspaces [default: the headroom model's fixed part]")
     p.add_argument(
         "--headroom-model", metavar="FILE", help="headroom model file (JSON, see memtrain calibrate) [default: the calibrated one if any, else the default]"
     )
