@@ -328,14 +328,18 @@ def to_dict(cfg: FitConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(raw: Any, where: str, base: FitConfig | None = None) -> FitConfig:
-    """Overlay a nested mapping (as in YAML) onto ``base`` (default: the defaults)."""
+def from_dict(raw: Any, where: str, base: FitConfig | None = None, *, warn_renamed: bool = True) -> FitConfig:
+    """Overlay a nested mapping (as in YAML) onto ``base`` (default: the defaults).
+
+    Old key spellings (:data:`memtrain.vocabulary.RENAMED_KEYS`) are read as their new names, with a
+    deprecation line unless ``warn_renamed`` is false (a checkpoint's own record, which the reader cannot edit).
+    """
     cfg = _deepcopy(base if base is not None else FitConfig())
     if raw is None:
         return cfg
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
-    raw = rename_keys(raw, where)
+    raw = rename_keys(raw, where, warn=warn_renamed)
     leaves = {(s, f.name): (s, f) for s, f in _sections()}
     sections = {s for s, _ in _sections() if s}
     for key, value in raw.items():

@@ -139,7 +139,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def checkpoint_config(ckpt: dict[str, Any], path: Path) -> FitConfig:
     try:
-        return from_dict(ckpt[SECTION]["config"], f"{path} (saved configuration)")
+        # Checkpoints written before a key was renamed load silently: the reader cannot edit them.
+        return from_dict(ckpt[SECTION]["config"], f"{path} (saved configuration)", warn_renamed=False)
     except ConfigError as e:
         raise CheckpointError(f"{e} — the checkpoint was written by another memtrain version") from None
 

@@ -71,15 +71,16 @@ def add_deprecated(parser, old: str, new: argparse.Action, *, convert: Callable[
     )
 
 
-def rename_keys(raw: dict, where: str) -> dict:
-    """A YAML mapping with the keys of :data:`RENAMED_KEYS` moved to their new names (warning once each)."""
+def rename_keys(raw: dict, where: str, *, warn: bool = True) -> dict:
+    """A YAML mapping with the keys of :data:`RENAMED_KEYS` moved to their new names (with a deprecation line each, if ``warn``)."""
     out = dict(raw)
     for old, new in RENAMED_KEYS.items():
         (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
         section = out.get(old_section)
         if not isinstance(section, dict) or old_key not in section:
             continue
-        warn_renamed(f"{where}: {old}", new)
+        if warn:
+            warn_renamed(f"{where}: {old}", new)
         section = dict(section)
         value = section.pop(old_key)
         out[old_section] = section

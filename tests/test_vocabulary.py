@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import warnings
 
 import pytest
 from conftest import run_cli
@@ -125,6 +126,9 @@ def test_an_old_yaml_key_warns_and_is_read_as_the_new_one():
     with pytest.warns(DeprecatedSpelling, match=f"^old.yaml: {old} is deprecated; use {new}$"):
         cfg = C.from_dict({"train": {"accelerator": "cpu", "epochs": 3}}, "old.yaml")
     assert cfg.train.device == "cpu" and cfg.train.epochs == 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checkpoint's saved configuration is read without a warning the reader cannot act on
+        assert C.from_dict({"train": {"accelerator": "cpu"}}, "best.ckpt", warn_renamed=False).train.device == "cpu"
 
 
 @pytest.mark.slow
