@@ -29,7 +29,7 @@ start=$(date +%s)
 
 run $PY -m memtrain calibrate --sizes 256,384,512 --out "$RESULTS/gpu_headroom.json" --report "$RESULTS/gpu_calibrate.md"
 
-run $PY benchmarks/tracker_accuracy.py --sizes 512,1024,2048 --budget 8GiB --also "amp,checkpoint:full" --out "$WORK/accuracy"
+run $PY benchmarks/tracker_accuracy.py --sizes 512,1024,2048 --memory-budget 8GiB --also "amp,checkpoint:full" --out "$WORK/accuracy"
 if [[ $DRY == 0 ]]; then
     cp "$WORK/accuracy/tracker_accuracy_cuda.md" "$RESULTS/gpu_tracker_accuracy.md"
     cp "$WORK/accuracy/tracker_accuracy_cuda.csv" "$RESULTS/gpu_tracker_accuracy.csv"

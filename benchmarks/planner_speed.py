@@ -1,4 +1,4 @@
-"""Wall time of `memtrain plan --size S --budget 8GiB`, cold (empty estimate cache) and warm, for S = 512 .. 8192.
+"""Wall time of `memtrain plan --size S --memory-budget 8GiB`, cold (empty estimate cache) and warm, for S = 512 .. 8192.
 
 Each run is a fresh `python -m memtrain plan` process, as a user types it. "cold" starts from
 an empty cache folder (MEMTRAIN_CACHE_DIR); "warm" reruns the same command on the cache the
@@ -34,7 +34,7 @@ COLUMNS = ("size", "cache", "wall_s", "estimates", "chosen", "exit")
 def plan(size: int, cache: Path, budget: str, jobs: int) -> dict:
     env = dict(os.environ, MEMTRAIN_CACHE_DIR=str(cache), PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.setdefault("OMP_NUM_THREADS", "2")
-    cmd = [sys.executable, "-m", "memtrain", "plan", "--size", str(size), "--budget", budget, "--jobs", str(jobs)]
+    cmd = [sys.executable, "-m", "memtrain", "plan", "--size", str(size), "--memory-budget", budget, "--jobs", str(jobs)]
     start = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     wall = time.perf_counter() - start
@@ -86,7 +86,7 @@ def write(rows: list[dict], out: Path, header: str, command: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", default="512,1024,2048,4096,8192")
-    p.add_argument("--budget", default="8GiB")
+    p.add_argument("--memory-budget", default="8GiB")
     p.add_argument("--jobs", type=int, default=1)
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         cold = Path(tempfile.mkdtemp(prefix="memtrain-plan-cold-"))
         try:
             for label in ("cold", "warm"):
-                rows.append(plan(size, cold, args.budget, args.jobs) | {"cache": label})
+                rows.append(plan(size, cold, args.memory_budget, args.jobs) | {"cache": label})
                 print(rows[-1], flush=True)
                 write(rows, out, header, command)
         finally:

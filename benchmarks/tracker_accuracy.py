@@ -1,6 +1,6 @@
 """How far is the planner's estimate from what a real step holds? Estimate vs tensor count vs allocator vs NVML.
 
-For each size, the baseline (``none``), the planner's best plan for ``--budget`` and the
+For each size, the baseline (``none``), the planner's best plan for ``--memory-budget`` and the
 ``--also`` combinations are
 
 * estimated with fake tensors (:func:`memtrain.memory.estimate.measure_step`, what
@@ -17,7 +17,7 @@ against the tensor count and against the allocator, and writes
 ``needs CUDA``. Target on a GPU: estimate within 10 % of ``alloc_peak``.
 
     python benchmarks/tracker_accuracy.py                       # GPU: 512,1024,2048; CPU: 256,512,1024
-    python benchmarks/tracker_accuracy.py --sizes 512 --budget 8GiB
+    python benchmarks/tracker_accuracy.py --sizes 512 --memory-budget 8GiB
 """
 
 from __future__ import annotations
@@ -72,14 +72,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--encoder", default="resnet34")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--steps", type=int, default=1, help="measured steps per real run (after one warm-up step)")
-    p.add_argument("--budget", default=None, help="budget for the best plan [default: the GPU's memory; on a CPU 2GiB]")
+    p.add_argument("--memory-budget", default=None, help="budget for the best plan [default: the GPU's memory; on a CPU 2GiB]")
     p.add_argument("--also", default="amp", help="';'-separated combinations measured besides none and the best plan")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = p.parse_args(argv)
 
     env = Environment.detect("cuda" if cuda else "cpu")
     default_budget = torch.cuda.get_device_properties(0).total_memory if cuda else 2 * 2**30
-    budget = default_budget if args.budget is None else parse_bytes(args.budget, "--budget")
+    budget = default_budget if args.memory_budget is None else parse_bytes(args.memory_budget, "--memory-budget")
     sizes = [int(s) for s in args.sizes.split(",")]
     also = [c for c in args.also.split(";") if c]
     rows, device_env, chosen = [], {}, []

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 
 from memtrain.errors import ConfigError
+from memtrain.vocabulary import BATCH_SIZE, DEVICES, add_deprecated, one_plan_only, rename_keys
 
 # The U-Net downsamples five times, so every side must be divisible by 2**5.
 SIZE_MULTIPLE = 32
@@ -48,8 +49,12 @@ def opt(
     max: float | None = None,
     below: float | None = None,
     special: tuple = (),
+    renamed_from: tuple[str, ...] = (),
 ):
     """A config field: its default, its one-line doc and (optionally) its flag name, choices and range.
+
+    ``renamed_from`` lists old spellings of the flag, still accepted for one release with a
+    deprecation line (see :mod:`memtrain.vocabulary`).
 
     Numbers are checked when the config is resolved (:meth:`FitConfig.validate`), before
     anything is written: ``min``/``max`` are inclusive bounds, ``above``/``below`` exclusive
@@ -57,7 +62,7 @@ def opt(
     are accepted as well.
     """
     bounds = {"min": min, "above": above, "max": max, "below": below, "special": tuple(special)}
-    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, **bounds}
+    meta = {"help": help, "flag": flag, "choices": tuple(choices) if choices else None, "renamed_from": tuple(renamed_from), **bounds}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -106,7 +111,7 @@ class TrainConfig:
 
     epochs: int = opt(50, min=1, help="number of epochs (the paper trained 50)")
     max_steps: int = opt(-1, min=1, special=(-1,), help="stop after this many optimizer steps (-1: no limit)")
-    batch_size: int = opt(2, min=1, help="images per optimizer step")
+    batch_size: int = opt(BATCH_SIZE, min=1, help="images per optimizer step (the default of every subcommand's --batch-size)")
     lr: float = opt(1e-3, above=0.0, help="Adam learning rate")
     weight_decay: float = opt(0.0, min=0.0, help="Adam weight decay")
     scheduler: str = opt("cosine", choices=("none", "cosine", "step"), help="learning-rate schedule, stepped once per epoch")
@@ -114,7 +119,7 @@ class TrainConfig:
     gamma: float = opt(0.5, above=0.0, help="'step' scheduler: decay factor")
     seed: int = opt(0, min=0, max=2**32 - 1, help="seed of model initialisation and data order")
     deterministic: bool = opt(False, help="use deterministic algorithms only (slower; errors on ops that have none)")
-    accelerator: str = opt("auto", choices=("auto", "cpu", "cuda"), help="device: 'auto' picks CUDA when present, else CPU")
+    device: str = opt("auto", choices=DEVICES, renamed_from=("--accelerator",), help="where to train: 'auto' picks CUDA when present, else CPU")
     val_every: int = opt(1, min=1, help="validate every N epochs")
     limit_val_batches: int = opt(-1, min=0, special=(-1,), help="validate on at most this many batches (-1: all, 0: no validation)")
     checkpoint_every_steps: int = opt(0, min=0, help="write last.ckpt every N training steps instead of at epoch ends (0: at epoch ends)")
@@ -168,7 +173,8 @@ class FitConfig:
     """Everything `memtrain fit` needs; sections mirror the YAML layout."""
 
     strategies: list[str] = opt(
-        help="comma-separated memory strategies, e.g. 'amp,checkpoint' (see `memtrain strategies`), or 'auto' with --memory-budget", factory=lambda: ["none"]
+        help="the plan to train: a comma list of memory strategies, e.g. 'amp,checkpoint' (see `memtrain strategies`), or 'auto' with --memory-budget",
+        factory=lambda: ["none"],
     )
     loss: str = opt(
         "msssim",
@@ -191,6 +197,7 @@ class FitConfig:
             raise ConfigError(f"--microbatches {self.dist.microbatches}: expected a divisor of --batch-size {self.train.batch_size}")
         if not self.strategies:
             raise ConfigError("--strategies: expected at least one strategy name (use 'none' for the plain model)")
+        one_plan_only(self.strategies)
         if self.memory.budget is not None:
             from memtrain.memory.units import parse_bytes
 
@@ -321,13 +328,18 @@ def to_dict(cfg: FitConfig) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(raw: Any, where: str, base: FitConfig | None = None) -> FitConfig:
-    """Overlay a nested mapping (as in YAML) onto ``base`` (default: the defaults)."""
+def from_dict(raw: Any, where: str, base: FitConfig | None = None, *, warn_renamed: bool = True) -> FitConfig:
+    """Overlay a nested mapping (as in YAML) onto ``base`` (default: the defaults).
+
+    Old key spellings (:data:`memtrain.vocabulary.RENAMED_KEYS`) are read as their new names, with a
+    deprecation line unless ``warn_renamed`` is false (a checkpoint's own record, which the reader cannot edit).
+    """
     cfg = _deepcopy(base if base is not None else FitConfig())
     if raw is None:
         return cfg
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of sections (data, model, train, ...), got {type(raw).__name__}")
+    raw = rename_keys(raw, where, warn=warn_renamed)
     leaves = {(s, f.name): (s, f) for s, f in _sections()}
     sections = {s for s, _ in _sections() if s}
     for key, value in raw.items():
@@ -408,7 +420,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default = f.default if f.default is not MISSING else f.default_factory()
         if default is not None and not isinstance(default, list):
             kwargs["help"] += f" [default: {default}]"
-        group.add_argument(flag_of(section, f), type=str, **kwargs)
+        action = group.add_argument(flag_of(section, f), type=str, **kwargs)
+        for old in f.metadata.get("renamed_from", ()):
+            add_deprecated(group, old, action)
 
 
 def _group(parser: argparse.ArgumentParser, title: str):

@@ -43,7 +43,7 @@ allocates as tensors (ResNet34 U-Net: 386 B/px in float32, 195 B/px under bf16
 autocast, counted as 195 + 386 on CPUs where the 16-bit convs run on float32 kernels)
 — and the need for an H×W input is ``SAFETY × bytes_per_pixel × H × W``,
 ``SAFETY = 1.25`` covering allocator and kernel workspaces (a real 2048² ResNet34
-forward on CPU raised the process RSS by 455 B/px). The budget is ``--max-memory``
+forward on CPU raised the process RSS by 455 B/px). The budget is ``--memory-budget``
 when given, else 90 % of the free CUDA memory, or on CPU half of ``MemAvailable``.
 The whole image is processed in one piece when it fits; otherwise the largest square
 tile (multiple of 32) that fits is used.
@@ -139,7 +139,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
 
 def checkpoint_config(ckpt: dict[str, Any], path: Path) -> FitConfig:
     try:
-        return from_dict(ckpt[SECTION]["config"], f"{path} (saved configuration)")
+        # Checkpoints written before a key was renamed load silently: the reader cannot edit them.
+        return from_dict(ckpt[SECTION]["config"], f"{path} (saved configuration)", warn_renamed=False)
     except ConfigError as e:
         raise CheckpointError(f"{e} — the checkpoint was written by another memtrain version") from None
 
@@ -418,7 +419,7 @@ class Enhancer:
         if side < smallest:
             raise MemtrainError(
                 f"not enough memory for even a {smallest}² tile ({_gib(self.need_bytes(smallest, smallest))} needed, {_gib(budget)} available); "
-                "free memory, use --amp, or set --max-memory"
+                "free memory, use --amp, or set --memory-budget"
             )
         return self._tiling(h, w, side, overlap, f"whole image needs ~{_gib(need)}, {_gib(budget)} available")
 

@@ -86,8 +86,8 @@ def test_bad_fit_flag_is_one_line_before_anything_is_written(tmp_path, case):
 @pytest.mark.parametrize(
     ("argv", "fragments"),
     [
-        (["--budget", "-1GiB"], ["--budget -1GiB", "not a negative"]),
-        (["--budget=-1GiB"], ["--budget -1GiB", "not a negative"]),
+        (["--memory-budget", "-1GiB"], ["--memory-budget -1GiB", "not a negative"]),
+        (["--memory-budget=-1GiB"], ["--memory-budget -1GiB", "not a negative"]),
         (["--strategies", "nonsense"], ["--strategies", "unknown strategy 'nonsense'", "available:"]),
         (["--strategies", "none;amp,turbo"], ["unknown strategy 'turbo'"]),
     ],

@@ -31,7 +31,7 @@ def test_calibrate_without_cuda_is_one_line_exit_2(tmp_path, capsys):
 
 def test_a_headroom_file_decides_what_fits(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MEMTRAIN_CACHE_DIR", str(tmp_path / "cache"))
-    args = ["plan", "--size", "64", "--encoder", "resnet18", "--strategies", "none", "--budget", "2GiB", "--quiet", "--json"]
+    args = ["plan", "--size", "64", "--encoder", "resnet18", "--strategies", "none", "--memory-budget", "2GiB", "--quiet", "--json"]
     # By hand: a fixed part above the budget -> nothing fits; none -> it fits.
     big = _write(tmp_path / "big.json", fixed=3 * 2**30, workspace={"forward": 100.0})
     assert main([*args, "--headroom-model", str(big)]) == 0

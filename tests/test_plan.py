@@ -113,7 +113,7 @@ def test_plan_rejected_combinations_are_listed_not_estimated():
 def test_plan_cli_json(tmp_path):
     # --jobs 2: estimated in 2 processes; a placement strategy is listed as rejected (it needs torchrun), not estimated.
     combos = ["none", "amp", "tf32", "checkpoint:full", "amp,ddp"]
-    proc = run_cli("plan", "--size", "128", "--encoder", "resnet18", "--budget", "2GiB", "--json", "--strategies", ";".join(combos), "--jobs", "2")
+    proc = run_cli("plan", "--size", "128", "--encoder", "resnet18", "--memory-budget", "2GiB", "--json", "--strategies", ";".join(combos), "--jobs", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = json.loads(proc.stdout)
     assert [r["strategies"] for r in rows][-1] == "amp,ddp" and {r["strategies"] for r in rows} == set(combos)
@@ -135,7 +135,7 @@ def _main(capsys, *args: str) -> tuple[int, str, str]:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["plan", "--size", "4096", "--budget", "8 gigs"], "--budget 8 gigs: expected a size like 8GiB"),
+        (["plan", "--size", "4096", "--memory-budget", "8 gigs"], "--memory-budget 8 gigs: expected a size like 8GiB"),
         (["plan", "--size", "100"], "--size 100: expected a multiple of 32"),
         (["fit", *TINY, "--memory-budget", "lots"], "--memory-budget lots: expected a size"),
         (["fit", *TINY, "--strategies", "auto"], "--strategies auto: needs --memory-budget"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import inspect
 import re
 import typing
 from pathlib import Path
@@ -100,6 +101,7 @@ def cli_markdown() -> str:
         "`memtrain COMMAND --help` prints the same text. Bad input to any command is one line `memtrain: error: ...` "
         "naming the flag or file and what was expected, exit code 2.",
         "",
+        *vocabulary_markdown(subs),
     ]
     for name in SUBCOMMANDS:
         p = subs[name]
@@ -120,6 +122,38 @@ def cli_markdown() -> str:
         if p.epilog:
             lines += ["```text", p.epilog.strip(), "```", ""]
     return "\n".join(lines)
+
+
+def vocabulary_markdown(subs: dict[str, argparse.ArgumentParser]) -> list[str]:
+    """The flags several subcommands share (one name, one meaning) and the old spellings still accepted."""
+    from memtrain import vocabulary as V
+
+    where: dict[str, list[str]] = {}
+    for name, p in subs.items():
+        for a in p._actions:
+            if a.help != argparse.SUPPRESS:
+                for o in a.option_strings:
+                    if o not in ("-h", "--help"):
+                        where.setdefault(o, []).append(name)
+    doc = inspect.cleandoc(V.__doc__ or "").split("\n\n", 1)[1].replace("``", "`")
+    lines = [
+        "## Shared flags",
+        "",
+        doc,
+        "",
+        "| flag | subcommands |",
+        "|---|---|",
+        *(f"| `{o}` | {', '.join(names)} |" for o, names in sorted(where.items()) if len(names) > 1),
+        "",
+        "Renamed:",
+        "",
+        "| old | new |",
+        "|---|---|",
+        *(f"| `{old}` | `{new}` |" for old, new in V.RENAMED.items()),
+        *(f"| YAML `{old}` | `{new}` |" for old, new in V.RENAMED_KEYS.items()),
+        "",
+    ]
+    return lines
 
 
 def config_markdown() -> str:

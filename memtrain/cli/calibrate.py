@@ -14,21 +14,31 @@ import sys
 
 from memtrain.config import check_size
 from memtrain.errors import ConfigError
+from memtrain.vocabulary import BATCH_SIZE, add_plans_argument, parse_plans
 
 EPILOG = """examples:
   memtrain calibrate                       # writes the model where plan finds it (the memtrain cache folder)
   memtrain calibrate --sizes 256,512 --out headroom.json --report calibrate.md
-  memtrain plan --size 4096 --budget 24GiB --headroom-model headroom.json"""
+  memtrain plan --size 4096 --memory-budget 24GiB --headroom-model headroom.json"""
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("calibrate", help="measure the GPU headroom model plan and --strategies auto use (needs CUDA)", description=__doc__, epilog=EPILOG)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--strategies", help="';'-separated plan families to run [default: none;amp;checkpoint:full;amp,checkpoint:blocks;amp,checkpoint:full]")
+    add_plans_argument(
+        p,
+        "plan families to run: a comma list is one plan; repeat the flag or separate plans with ';'"
+        " [default: none;amp;checkpoint:full;amp,checkpoint:blocks;amp,checkpoint:full]",
+    )
     p.add_argument("--sizes", default="256,384,512", help="comma-separated image sides, multiples of 32 [default: 256,384,512]")
-    p.add_argument("--batch-size", type=int, default=1, help="images per step [default: 1]")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per step, as in `memtrain fit --batch-size` [default: {BATCH_SIZE}]")
     p.add_argument("--encoder", default="resnet34", help="smp encoder of the U-Net [default: resnet34]")
-    p.add_argument("--steps", type=int, default=2, help="steps per run; the last is measured [default: 2]")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=1,
+        help="measured steps per run, after one warm-up step that is left out (as in `memtrain compare`); the last one's peaks are kept [default: 1]",
+    )
     p.add_argument(
         "--out", metavar="FILE", help="where to write the model [default: the file plan reads: MEMTRAIN_CACHE_DIR or ~/.cache/memtrain/headroom-cuda.json]"
     )
@@ -49,11 +59,10 @@ def _sizes(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from memtrain.cli.plan import parse_combos
     from memtrain.memory.calibrate import DEFAULT_STRATEGIES
 
     sizes = _sizes(args.sizes)
-    combos = parse_combos(args.strategies) or list(DEFAULT_STRATEGIES)
+    combos = parse_plans(args.strategies) or list(DEFAULT_STRATEGIES)
     for flag, value in (("--batch-size", args.batch_size), ("--steps", args.steps)):
         if value < 1:
             raise ConfigError(f"{flag} {value}: expected a positive number")
@@ -75,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         sizes,
         batch_size=args.batch_size,
         encoder=args.encoder,
-        steps=args.steps,
+        steps=1 + args.steps,  # the warm-up step, then --steps measured ones
         progress=lambda line: print(f"memtrain calibrate: {line}", file=sys.stderr, flush=True),
     )
     source = f"memtrain calibrate on {device} (torch {torch.__version__}, memtrain {__version__}; {len(rows)} runs at {','.join(map(str, sizes))} px)"

@@ -1,7 +1,7 @@
 """`memtrain compare`: measure strategy combinations at several sizes, each cell in a fresh process.
 
-';' separates combinations and ',' joins strategies within one, e.g.
---strategies "none;amp;checkpoint,momentum". Every (combination, size) cell trains
+A comma list is one combination (one plan); several are given by repeating --strategies
+or by separating them with ';', e.g. --strategies "none;amp;checkpoint,momentum". Every (combination, size) cell trains
 one warm-up step and --steps measured steps of the fit's training step on phantom
 radiographs; an out-of-memory error is a result (status oom, with the phase), and the
 sweep goes on. With --launcher torchrun --nproc-per-node N, combinations with a placement
@@ -18,24 +18,25 @@ from pathlib import Path
 
 from memtrain.config import LOSS_NAMES
 from memtrain.errors import ConfigError
+from memtrain.vocabulary import BATCH_SIZE, DEVICES, add_plans_argument, parse_plans
 
 EPILOG = """examples:
   memtrain compare --strategies "none;amp;checkpoint;amp,checkpoint" --sizes 512,1024,2048 --steps 3 --out reports/cmp
-  memtrain compare --strategies "none;amp" --sizes 256,512 --steps 2 --out reports/cpu --cpu-memory-limit 6GiB
+  memtrain compare --strategies none --strategies amp --sizes 256,512 --steps 2 --out reports/cpu --cpu-memory-limit 6GiB
   memtrain compare --strategies "none;rpc;rpc,checkpoint" --sizes 512 --launcher torchrun --nproc-per-node 3 --out reports/rpc"""
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("compare", help="measure strategy combinations at several sizes (CSV, JSON, Markdown, PNG)", description=__doc__, epilog=EPILOG)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
-    p.add_argument("--strategies", help="';'-separated combinations of ','-joined strategies; include 'none' for the ratios")
+    add_plans_argument(p, "combinations to measure: a comma list is one; repeat the flag or separate them with ';'. Include 'none' for the ratios")
     p.add_argument("--sizes", help="comma-separated image sides in pixels (multiples of 32), e.g. 512,1024,2048")
     p.add_argument("--out", help="output folder for compare.csv/.json/.md/.png (refused if it already holds a comparison)")
     p.add_argument("--steps", type=int, default=3, help="measured steps per cell, after one warm-up step that is left out [default: 3]")
-    p.add_argument("--batch-size", type=int, default=1, help="images per step [default: 1]")
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per step, as in `memtrain fit --batch-size` [default: {BATCH_SIZE}]")
     p.add_argument("--encoder", default="resnet34", help="smp encoder of the U-Net [default: resnet34]")
     p.add_argument("--loss", default="msssim", choices=LOSS_NAMES, help="training loss, as in `memtrain fit --loss` [default: msssim]")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="where cells run [default: auto: CUDA when present]")
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where cells run [default: auto: CUDA when present]")
     p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate [default: 0.001]")
     p.add_argument("--cell-timeout", type=float, default=1800, help="seconds before a cell is killed and recorded as an error [default: 1800]")
     p.add_argument(
@@ -60,13 +61,13 @@ def add_parser(sub) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.cell is not None:
         return _run_cell(args)
-    from memtrain.compare.sweep import Sweep, parse_combos, parse_sizes, run_sweep
+    from memtrain.compare.sweep import Sweep, parse_sizes, run_sweep
     from memtrain.memory.units import parse_bytes
 
     for flag, value in (("--strategies", args.strategies), ("--sizes", args.sizes), ("--out", args.out)):
         if not value:
             raise ConfigError(f"{flag}: required (see 'memtrain compare --help')")
-    combos = parse_combos(args.strategies)
+    combos = parse_plans(args.strategies)
     sizes = parse_sizes(args.sizes)
     for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
         if value < 1:

@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from memtrain.errors import ConfigError, DataError
+from memtrain.vocabulary import DEVICES, add_deprecated
 
 EPILOG = """examples:
   memtrain enhance runs/exp1/checkpoints/best.ckpt scans/ --out enhanced/
@@ -40,10 +41,13 @@ def add_parser(sub) -> None:
     p.add_argument("--overlap", type=str, default="64", metavar="PX", help="overlap of neighbouring tiles, blended with raised-cosine weights [default: 64]")
     p.add_argument("--amp", action="store_true", help="16-bit autocast (bf16 on CPU and recent GPUs, else fp16): about half the memory")
     p.add_argument("--compare", action="store_true", help="also write NAME_compare.png: input | output side by side (8-bit)")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="'auto' uses CUDA when present [default: auto]")
-    p.add_argument(
-        "--max-memory", type=str, metavar="GIB", help="memory budget for one forward, in GiB (default: 90%% of free CUDA memory, or half the free RAM)"
+    p.add_argument("--device", choices=DEVICES, default="auto", help="where to run: 'auto' uses CUDA when present [default: auto]")
+    budget = p.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="device memory for one forward, e.g. 4GiB, 4GB, 512MiB or bytes; above it the image is tiled (default: 90%% of free CUDA memory, or half the free RAM)",
     )
+    add_deprecated(p, "--max-memory", budget, convert=_gib_as_bytes)
     p.add_argument("--overwrite", action="store_true", help="replace existing output files (default: refuse)")
     p.set_defaults(run=run)
 
@@ -60,16 +64,15 @@ def _int(flag: str, value: str | None, minimum: int) -> int | None:
     return n
 
 
-def _gib(flag: str, value: str | None) -> int | None:
-    if value is None:
-        return None
+def _gib_as_bytes(value: str) -> str:
+    """The deprecated ``--max-memory GIB`` (a bare number of GiB) as the bytes ``--memory-budget`` reads."""
     try:
         v = float(value)
     except ValueError:
-        raise ConfigError(f"{flag} {value}: expected a number of GiB") from None
+        raise ConfigError(f"--max-memory {value}: expected a number of GiB (its replacement, --memory-budget, takes a size such as 4GiB)") from None
     if not v > 0:
-        raise ConfigError(f"{flag} {value}: expected a positive number of GiB")
-    return int(v * 2**30)
+        raise ConfigError(f"--max-memory {value}: expected a positive number of GiB")
+    return str(int(v * 2**30))
 
 
 def collect_inputs(items: list[str]) -> list[tuple[Path, Path]]:
@@ -138,7 +141,9 @@ def run(args: argparse.Namespace) -> int:
 
     tile = _int("--tile", args.tile, 32)
     overlap = _int("--overlap", args.overlap, 0)
-    max_memory = _gib("--max-memory", args.max_memory)
+    from memtrain.memory.units import parse_bytes
+
+    max_memory = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available (use 'auto' or 'cpu')")
     device = "cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu"

@@ -12,11 +12,12 @@ import sys
 
 from memtrain.config import LOSS_NAMES, check_size
 from memtrain.errors import ConfigError
+from memtrain.vocabulary import BATCH_SIZE, DEVICES, add_deprecated, add_plans_argument, parse_plans
 
 EPILOG = """examples:
-  memtrain plan --size 4096 --budget 8GiB
-  memtrain plan --size 2048 --budget 24GB --batch-size 2 --json
-  memtrain plan --size 1024 --strategies "none;amp;amp,tf32"
+  memtrain plan --size 4096 --memory-budget 8GiB
+  memtrain plan --size 2048 --memory-budget 24GB --batch-size 2 --json
+  memtrain plan --size 1024 --strategies none --strategies amp --strategies amp,tf32   # = --strategies "none;amp;amp,tf32"
 fits: what the step needs by the headroom model <= budget (CUDA: step peak x 1.10 + 1 GiB until `memtrain calibrate`
 measures it on the GPU; CPU: step peak + oneDNN workspace per pixel; see memtrain.memory.headroom).
 units: KiB/MiB/GiB (and K/M/G) are powers of 1024, kB/MB/GB powers of 1000."""
@@ -29,25 +30,31 @@ def add_parser(sub) -> None:
     p = sub.add_parser("plan", help="estimate every strategy combination's memory and pick the fastest that fits", description=__doc__, epilog=EPILOG)
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--size", type=int, required=True, help="training image side in pixels (a multiple of 32)")
-    p.add_argument("--budget", help="device memory available, e.g. 8GiB, 24GB, 512MiB or bytes (without it nothing is marked as fitting)")
-    p.add_argument("--batch-size", type=int, default=1, help="images per step [default: 1]")
+    budget = p.add_argument(
+        "--memory-budget", metavar="SIZE", help="device memory available, e.g. 8GiB, 24GB, 512MiB or bytes (without it nothing is marked as fitting)"
+    )
+    add_deprecated(p, "--budget", budget)
+    p.add_argument("--batch-size", type=int, default=BATCH_SIZE, help=f"images per step, as in `memtrain fit --batch-size` [default: {BATCH_SIZE}]")
     p.add_argument("--encoder", default="resnet34", help="smp encoder of the U-Net [default: resnet34]")
     p.add_argument("--loss", default="msssim", choices=LOSS_NAMES, help="training loss, as in `memtrain fit --loss` [default: msssim]")
     p.add_argument(
         "--device",
-        choices=("cuda", "cpu"),
+        choices=DEVICES,
         default="cuda",
-        help="target device the plan is for [default: cuda; without a GPU here, assumed Ampere or newer (native bf16)]",
+        help="the device the plan is for, not necessarily this one: 'auto' is this machine's (CUDA when present, else CPU)"
+        " [default: cuda; without a GPU here, assumed Ampere or newer (native bf16)]",
     )
-    p.add_argument(
-        "--strategies",
-        help="';'-separated combinations to consider instead of all of them (every checkpoint granularity, quant:int8, offload on CUDA; no torchrun placements), e.g. 'none;amp;amp,tf32'",
+    add_plans_argument(
+        p,
+        "plans to consider instead of all of them (every checkpoint granularity, quant:int8, offload on CUDA; no torchrun placements):"
+        " a comma list is one plan; repeat the flag or separate plans with ';', e.g. 'none;amp;amp,tf32'",
     )
-    p.add_argument("--headroom", help="memory kept free for the CUDA context and workspaces [default: the headroom model's fixed part]")
+    p.add_argument("--headroom", metavar="SIZE", help="memory kept free for the CUDA context and workspaces [default: the headroom model's fixed part]")
     p.add_argument(
         "--headroom-model", metavar="FILE", help="headroom model file (JSON, see memtrain calibrate) [default: the calibrated one if any, else the default]"
     )
-    p.add_argument("--max-size", type=int, default=None, help="largest number of strategies in one combination [default: all]")
+    most = p.add_argument("--max-strategies", type=int, default=None, metavar="N", help="largest number of strategies in one combination [default: all]")
+    add_deprecated(p, "--max-size", most)
     p.add_argument("--jobs", type=int, default=1, help="processes estimating in parallel [default: 1]")
     p.add_argument("--all", action="store_true", help="estimate and list every combination, not only the 10 fastest that fit")
     p.add_argument("--json", action="store_true", help="print a JSON list of every combination (as --all) instead of the table")
@@ -61,25 +68,13 @@ def target_environment(device: str):
 
     from memtrain.strategies import Environment
 
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and torch.cuda.is_available():
         return Environment.detect("cuda"), "detected"
     if device == "cuda":
         return Environment(device="cuda", native_bf16=True), "assumed Ampere or newer (no GPU here)"
     return Environment.detect("cpu"), "detected"
-
-
-def parse_combos(text: str | None) -> list[str] | None:
-    if text is None:
-        return None
-    combos = [",".join(n.strip() for n in c.split(",") if n.strip()) for c in text.split(";")]
-    combos = [c for c in combos if c]
-    if not combos:
-        raise ConfigError(f"--strategies {text!r}: expected ';'-separated combinations, e.g. 'none;amp;amp,tf32'")
-    from memtrain.strategies.registry import create
-
-    for name in sorted({n for c in combos for n in c.split(",")}):
-        create(name)  # an unknown name is a one-line StrategyError naming --strategies
-    return combos
 
 
 def run(args: argparse.Namespace) -> int:
@@ -91,11 +86,11 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--batch-size {args.batch_size}: expected a positive number")
     if args.jobs < 1:
         raise ConfigError(f"--jobs {args.jobs}: expected a positive number")
-    if args.max_size is not None and args.max_size < 1:
-        raise ConfigError(f"--max-size {args.max_size}: expected a positive number")
-    budget = parse_bytes(args.budget, "--budget") if args.budget is not None else None
+    if args.max_strategies is not None and args.max_strategies < 1:
+        raise ConfigError(f"--max-strategies {args.max_strategies}: expected a positive number")
+    budget = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None
     headroom = parse_bytes(args.headroom, "--headroom") if args.headroom is not None else None
-    combos = parse_combos(args.strategies)
+    combos = parse_plans(args.strategies)
     _check_encoder(args.encoder)
     env, how = target_environment(args.device)
     from memtrain.memory.headroom import model_for
@@ -114,10 +109,10 @@ def run(args: argparse.Namespace) -> int:
         jobs=args.jobs,
         progress=progress,
     )
-    if combos is None and args.max_size is not None:
+    if combos is None and args.max_strategies is not None:
         from memtrain.memory.planner import combinations
 
-        combos = combinations(max_size=args.max_size, env=env)
+        combos = combinations(max_size=args.max_strategies, env=env)
     cands = planner.plan(combos, enough=None if args.all or args.json else SHOWN)
     best = chosen(cands)
     if args.json:

@@ -59,26 +59,6 @@ class Sweep:
         }
 
 
-def parse_combos(text: str, flag: str = "--strategies") -> list[str]:
-    """``"none;amp;checkpoint,momentum"`` → ``["none", "amp", "checkpoint,momentum"]``; unknown names are an error."""
-    from memtrain.strategies import create
-
-    combos = []
-    for part in text.split(";"):
-        names = [n.strip() for n in part.split(",") if n.strip()]
-        if not names:
-            continue
-        for name in names:
-            try:
-                create(name)
-            except MemtrainError as e:
-                raise ConfigError(f"{flag} {text!r}: {str(e).removeprefix('--strategies: ')}") from None
-        combos.append(",".join(names))
-    if not combos:
-        raise ConfigError(f"{flag} {text!r}: expected ';'-separated combinations of ','-joined strategies, e.g. 'none;amp;amp,checkpoint'")
-    return list(dict.fromkeys(combos))
-
-
 def parse_sizes(text: str, flag: str = "--sizes") -> list[int]:
     sizes = []
     for part in text.split(","):

@@ -86,7 +86,7 @@ def fit_args(spec: dict, nproc: int, out: Path) -> list[str]:
         "--val-every", str(2 + steps),
         "--samples", "0",
         "--workers", "0",
-        "--accelerator", spec.get("device", "auto"),
+        "--device", spec.get("device", "auto"),
         "--warmup-steps", "1",
         "--out", str(out),
     ]  # fmt: skip

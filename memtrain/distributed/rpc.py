@@ -56,7 +56,7 @@ class RemoteShard:
         from memtrain.strategies import Environment, Plan
 
         self.cfg = from_plain(cfg)
-        env = Environment.detect(self.cfg.train.accelerator)
+        env = Environment.detect(self.cfg.train.device)
         device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
         self.memory = rank_memory(device, self.cfg.memory.track)
         self.shard = Shard(self.cfg, Plan.resolve(specs, env), part, device, self.memory, NAME)

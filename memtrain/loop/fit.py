@@ -53,9 +53,9 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
     for pattern in _QUIET:
         warnings.filterwarnings("ignore", message=pattern)
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
-    if cfg.train.accelerator == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--accelerator cuda: no CUDA device is available (use 'auto' or 'cpu')")
-    env = Environment.detect(cfg.train.accelerator)
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available (use 'auto' or 'cpu')")
+    env = Environment.detect(cfg.train.device)
     check_host_memory(cfg.data, pin_memory=env.device == "cuda")
     if resume is None:
         check_new_run_dir(cfg.run.out)
@@ -266,7 +266,7 @@ def choose_strategies(cfg: FitConfig, env) -> list[str]:
         hint = f"; the smallest, {least.strategies}, needs {fmt_bytes(least.needed)} by the headroom model" if least else ""
         raise StrategyError(
             f"--strategies auto: nothing fits --memory-budget {cfg.memory.budget} at --size {cfg.data.size},"
-            f" --batch-size {cfg.train.batch_size}{hint} (see `memtrain plan --size {cfg.data.size} --budget {cfg.memory.budget}`)"
+            f" --batch-size {cfg.train.batch_size}{hint} (see `memtrain plan --size {cfg.data.size} --memory-budget {cfg.memory.budget} --batch-size {cfg.train.batch_size}`)"
         )
     print(
         f"memtrain: --strategies auto: {best.strategies} (estimated step peak {fmt_bytes(best.step_peak)}, needs {fmt_bytes(best.needed)}"
