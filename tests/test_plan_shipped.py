@@ -29,7 +29,8 @@ def _same_versions() -> None:
         pytest.skip(f"the shipped models were made with {there}, this is {here}: they miss here (regenerate: python -m memtrain.memory.shipped)")
 
 
-def test_shipped_file_is_small_and_covers_the_default_plan():
+def test_shipped_file_is_small_and_covers_the_default_plan(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMTRAIN_CACHE_DIR", str(tmp_path))  # an empty disk cache: a fresh machine
     assert shipped.PATH.stat().st_size <= 1_000_000
     _same_versions()
     env = default_target()
@@ -43,12 +44,16 @@ def test_shipped_file_is_small_and_covers_the_default_plan():
             assert isinstance(found[0], scaling.SizeModel) and found[0].pruned
 
 
-def test_cold_plan_estimate_comes_from_the_shipped_model_and_other_versions_miss(monkeypatch):
-    # The session's cache folder is empty for this combination and target: nothing is traced.
+def test_cold_plan_estimate_comes_from_the_shipped_model_and_other_versions_miss(tmp_path, monkeypatch):
+    monkeypatch.setenv("MEMTRAIN_CACHE_DIR", str(tmp_path))  # an empty disk cache: nothing is traced
     _same_versions()
     env = default_target()
     memory, how = estimate_memory("checkpoint:stages,amp", size=4096, batch_size=2, encoder="resnet34", env=env)
     assert how == "size model (shipped)" and memory.size == 4096 and memory.step_peak > 0
+    assert not any(tmp_path.iterdir())  # nothing traced, nothing written
+    monkeypatch.setenv("MEMTRAIN_SHIPPED", "0")  # switched off (benchmarks): the same key misses
+    assert scaling.load(scaling.cache_key("checkpoint:stages,amp", batch_size=2, encoder="resnet34", env=env)) is None
+    monkeypatch.delenv("MEMTRAIN_SHIPPED")
     import torch
 
     monkeypatch.setattr(torch, "__version__", "0.0.0")  # another torch: another key, which the shipped file does not hold
