@@ -150,3 +150,35 @@ def test_cpu_16_bit_convolution_on_float32_kernels_equals_native(dtype):
         # Both accumulate in float32 from the same 16-bit inputs: they differ by output rounding only.
         scale = native.float().abs().max()
         assert (native.float() - emulated.float()).abs().max() <= 4 * eps * scale
+
+
+def test_strategies_listing_shows_the_time_costs_the_planner_uses():
+    """`memtrain strategies` and the planner read one declared time cost, per variant and per device (checkpoint: x1.44, not x1.00)."""
+    import re
+
+    from conftest import run_cli
+
+    from memtrain.strategies import registered
+
+    proc = run_cli("strategies")
+    assert proc.returncode == 0, proc.stderr
+    listed = {m[1]: m[2] for m in re.finditer(r"^  (\S+)\s+\[[a-z]+; time ([^\]]+)\]", proc.stdout, re.M)}
+    assert set(listed) == set(registered())
+    for name, cls in registered().items():
+        for variant in cls.variants or (None,):
+            spec = f"{name}:{variant}" if variant else name
+            planned = {}
+            for device in ("cuda", "cpu"):
+                env = Environment(device=device, native_bf16=True)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # offload/tf32: no effect on CPU
+                        planned[device] = Plan.resolve(spec, env).time_cost  # what `memtrain plan` orders by
+                except StrategyError:  # a spec this environment rejects has no planned cost: use the bound strategy's
+                    s = create(spec)
+                    s.bind(env)
+                    planned[device] = s.relative_time()
+            shown = f"x{planned['cuda']:.2f} GPU, x{planned['cpu']:.2f} CPU"
+            per_variant = ";" in listed[name]
+            assert (f"{spec} {shown}" if per_variant else shown) in listed[name], (spec, planned, listed[name])
+    assert Plan.resolve("checkpoint", CPU).time_cost == 1.44 and "checkpoint:blocks x1.44 GPU, x1.44 CPU" in listed["checkpoint"]

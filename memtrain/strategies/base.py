@@ -100,8 +100,10 @@ class Strategy:
     summary: ClassVar[str]  # one line for `memtrain strategies`
     variants: ClassVar[tuple[str, ...]] = ()  # accepted ':variant' suffixes; the first is the default
     # Expected step time relative to `none` (1.0; 1.3 = 30 % slower, 0.6 = 40 % faster) on a
-    # CUDA GPU, and on a CPU where that differs (None: the same). `memtrain plan` orders
-    # combinations by the product over their strategies; state the basis in the docstring.
+    # CUDA GPU, and on a CPU where that differs (None: the same), for every variant; a strategy whose
+    # variants differ overrides `declared_time`. `memtrain plan` orders combinations by the product
+    # over their strategies and `memtrain strategies` lists it: both read `declared_time`. State the
+    # basis next to the numbers.
     time_cost: ClassVar[float] = 1.0
     time_cost_cpu: ClassVar[float | None] = None
     # Whether the step's tensor events are the same at every size, each a quadratic in the image side, so that
@@ -141,11 +143,21 @@ class Strategy:
     def __repr__(self) -> str:
         return f"<strategy {self.spec}>"
 
+    @classmethod
+    def declared_time(cls, variant: str | None, device: str) -> float:
+        """Expected step time relative to `none` of ``name:variant`` on ``device`` ('cuda' or 'cpu').
+
+        The one source of a strategy's time cost: the planner (through :meth:`relative_time`)
+        and the ``memtrain strategies`` listing read it. Default: ``time_cost_cpu`` on a CPU
+        when set, else ``time_cost``, whatever the variant.
+        """
+        if device == "cpu" and cls.time_cost_cpu is not None:
+            return cls.time_cost_cpu
+        return cls.time_cost
+
     def relative_time(self) -> float:
-        """``time_cost`` for the bound environment's device (``time_cost_cpu`` on a CPU when set)."""
-        if self.env.device == "cpu" and self.time_cost_cpu is not None:
-            return self.time_cost_cpu
-        return self.time_cost
+        """:meth:`declared_time` of this variant on the bound environment's device."""
+        return self.declared_time(self.variant, self.env.device)
 
     # -- resolution --------------------------------------------------------------
     def bind(self, env: Environment) -> None:
