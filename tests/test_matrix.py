@@ -23,7 +23,6 @@ strategy that is not registered are skipped with the reason.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import itertools
 import warnings
@@ -142,9 +141,9 @@ def batches():
 
 def _train(plan: Plan, model: torch.nn.Module, batches):
     """STEPS Adam steps as EnhancementModule takes them; the first step's gradients and buffers, and every loss."""
-    precision = plan.precision_plugin()
-    autocast = precision.forward_context if precision is not None else contextlib.nullcontext
-    scaler = getattr(precision, "scaler", None)
+    precision = plan.precision()
+    autocast = precision.autocast  # what Lightning's precision plugin enters around the forward
+    scaler = precision.grad_scaler()
     loss_fn = plan.wrap_loss(MSSSIMLoss())
     model = plan.apply(model)
     if scaler is not None:

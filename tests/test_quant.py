@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -29,8 +28,7 @@ def _cos(a, b):
 def _run(spec, base, x, y):
     plan = Plan.resolve(spec, CPU)
     model = plan.apply(copy.deepcopy(base))
-    precision = plan.precision_plugin()
-    autocast = precision.forward_context if precision is not None else contextlib.nullcontext
+    autocast = plan.precision().autocast
     with plan.session():
         with autocast(), plan.forward_context():
             out = model(x)
@@ -136,8 +134,7 @@ def test_short_training_tracks_the_baseline(setup):
         plan = Plan.resolve(spec, CPU)
         model = plan.apply(copy.deepcopy(base))
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-        precision = plan.precision_plugin()
-        autocast = precision.forward_context if precision is not None else contextlib.nullcontext
+        autocast = plan.precision().autocast
         losses[spec] = []
         with plan.session():
             for x, y in batches:
