@@ -254,8 +254,8 @@ def test_placement_strategies_resolve_exclusively_and_need_torchrun():
     from memtrain.distributed.pipeline import PipelineRunner
     from memtrain.distributed.rpc import RPCRunner
     from memtrain.loop.fit import LightningRunner
-    from memtrain.loop.runners import runner_for
-    from memtrain.strategies import Environment, Plan
+    from memtrain.loop.runners import runner_class, runner_for
+    from memtrain.strategies import Environment, Plan, registered
 
     cpu = Environment(device="cpu", native_bf16=False)
     with pytest.raises(StrategyError, match="'rpc' and 'pipeline' both decide"):
@@ -267,6 +267,9 @@ def test_placement_strategies_resolve_exclusively_and_need_torchrun():
     assert isinstance(runner_for(Plan.resolve("pipeline", cpu)), PipelineRunner)
     assert isinstance(runner_for(Plan.resolve("ddp,checkpoint", cpu)), DDPRunner)
     assert type(runner_for(Plan.resolve("amp", cpu))) is LightningRunner
+    # Every runner a registered strategy names exists and implements Runner.run.
+    named = {cls.runner_name for cls in registered().values()} - {None}
+    assert named == {"rpc", "pipeline", "ddp"} and all(callable(runner_class(n).run) for n in named)
     assert [s.name for s in Plan.resolve("rpc,amp", cpu).strategies] == ["amp", "rpc"]  # placement applies last
     with pytest.raises(StrategyError, match=r"started by torchrun \(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set\).*torchrun --nproc-per-node"):
         DistEnv.from_environ("rpc", "3 processes", environ={})

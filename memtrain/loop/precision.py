@@ -9,6 +9,7 @@ context is the same ``torch.autocast`` (weight-cast cache off) that
 from __future__ import annotations
 
 import torch
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from memtrain.strategies.base import Precision
 
@@ -19,6 +20,4 @@ def lightning_plugins(precision: Precision) -> list:
     """Lightning plugins applying ``precision``: none for float32 (Lightning's default '32-true'), else ``MixedPrecision``."""
     if precision.dtype is None:
         return []
-    from lightning.pytorch.plugins.precision import MixedPrecision
-
     return [MixedPrecision(_LIGHTNING[precision.dtype], device=precision.device, scaler=precision.grad_scaler())]
