@@ -360,11 +360,12 @@ class Enhancer:
         return stack
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        return self.amp.autocast() if self.amp is not None else contextlib.nullcontext()
+        # The weight-cast cache stays on (torch's default): as before the precision became declared data.
+        return self.amp.precision().autocast(cache_enabled=True) if self.amp is not None else contextlib.nullcontext()
 
     @property
     def precision(self) -> str:
-        return f"{self.amp.resolved} autocast" if self.amp is not None else "float32"
+        return f"{self.amp.precision().name} autocast" if self.amp is not None else "float32"
 
     # -- memory --------------------------------------------------------------------------
     def bytes_per_pixel(self) -> float:

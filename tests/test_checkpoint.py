@@ -194,7 +194,7 @@ def test_autocast_state_is_replayed_in_the_recompute(batches, warmed):
         plan = Plan.resolve(spec, CPU)
         model = plan.apply(warmed())
         with plan.session():
-            with plan.get("amp").autocast():
+            with plan.precision().autocast():
                 out = model(x)
             plan.wrap_loss(MSSSIMLoss())(out, y).backward()
         results.append([p.grad.float() for p in model.parameters()])

@@ -106,7 +106,6 @@ def reference(run_dir: Path, *, microbatches: int = 1, strategies: str = "none")
     """Single-process training of the run's configuration on the run's batches, in this process."""
     from memtrain.data.module import build_datasets, epoch_order
     from memtrain.distributed.launch import seed_all
-    from memtrain.distributed.shard import autocast_of
     from memtrain.loop.optim import build_optimizer
     from memtrain.loss import MSSSIMLoss
     from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
@@ -133,7 +132,7 @@ def reference(run_dir: Path, *, microbatches: int = 1, strategies: str = "none")
                     x, y = (torch.stack(t) for t in zip(*(train_set[j] for j in order[i : i + cfg.train.batch_size])))
                     total = 0.0
                     for xm, ym in zip(x.chunk(microbatches), y.chunk(microbatches)):
-                        with autocast_of(plan), plan.forward_context():
+                        with plan.precision().autocast(), plan.forward_context():
                             out = model(xm)
                         loss = loss_fn(out, ym)
                         (loss / microbatches).backward()
@@ -250,10 +249,13 @@ def test_split_checks_its_input_and_model():
 
 
 def test_placement_strategies_resolve_exclusively_and_need_torchrun():
+    from memtrain.distributed.ddp import DDPRunner
     from memtrain.distributed.launch import DistEnv
+    from memtrain.distributed.pipeline import PipelineRunner
     from memtrain.distributed.rpc import RPCRunner
     from memtrain.loop.fit import LightningRunner
-    from memtrain.strategies import Environment, Plan
+    from memtrain.loop.runners import runner_class, runner_for
+    from memtrain.strategies import Environment, Plan, registered
 
     cpu = Environment(device="cpu", native_bf16=False)
     with pytest.raises(StrategyError, match="'rpc' and 'pipeline' both decide"):
@@ -261,8 +263,13 @@ def test_placement_strategies_resolve_exclusively_and_need_torchrun():
     with pytest.raises(StrategyError, match="amp:fp16 needs one loss scaler"):
         Plan.resolve("pipeline,amp:fp16", cpu)
     Plan.resolve("ddp,amp:fp16", cpu)  # Lightning's DDP carries the GradScaler
-    assert isinstance(Plan.resolve("amp,rpc", cpu).runner(), RPCRunner)
-    assert isinstance(Plan.resolve("amp", cpu).runner(), LightningRunner)
+    assert isinstance(runner_for(Plan.resolve("amp,rpc", cpu)), RPCRunner)
+    assert isinstance(runner_for(Plan.resolve("pipeline", cpu)), PipelineRunner)
+    assert isinstance(runner_for(Plan.resolve("ddp,checkpoint", cpu)), DDPRunner)
+    assert type(runner_for(Plan.resolve("amp", cpu))) is LightningRunner
+    # Every runner a registered strategy names exists and implements Runner.run.
+    named = {cls.runner_name for cls in registered().values()} - {None}
+    assert named == {"rpc", "pipeline", "ddp"} and all(callable(runner_class(n).run) for n in named)
     assert [s.name for s in Plan.resolve("rpc,amp", cpu).strategies] == ["amp", "rpc"]  # placement applies last
     with pytest.raises(StrategyError, match=r"started by torchrun \(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT not set\).*torchrun --nproc-per-node"):
         DistEnv.from_environ("rpc", "3 processes", environ={})
@@ -348,7 +355,6 @@ SMALL_RUN = [*TINY, "--train-images", "2", "--val-images", "1", "--lr", "1e-4", 
 
 def encoder_forward_increase(strategies: str, size: int = 64, batch: int = 2) -> float:
     """MiB the encoder shard's training forward adds (what it keeps for its backward), in this process."""
-    from memtrain.distributed.shard import autocast_of
     from memtrain.distributed.split import shard_of
     from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode, module_tensors
     from memtrain.model import build_model
@@ -363,7 +369,7 @@ def encoder_forward_increase(strategies: str, size: int = 64, batch: int = 2) ->
     x = torch.zeros(batch, 1, size, size)
     with plan.session(), TensorBytesMode(counter):
         counter.track_all([x])
-        with autocast_of(plan), plan.forward_context():
+        with plan.precision().autocast(), plan.forward_context():
             features = encoder(x)
     del features
     return (counter.peak - start) / 2**20

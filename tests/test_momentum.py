@@ -152,7 +152,7 @@ def test_amp_momentum_recomputes_under_the_forward_autocast(warmed):
     plan = Plan.resolve("amp,momentum", CPU)
     mem = plan.apply(copy.deepcopy(warmed))
     with plan.session():
-        out, _ = _step(mem, x, y, plan.get("amp").autocast)
+        out, _ = _step(mem, x, y, plan.precision().autocast)
     assert out.dtype == torch.bfloat16
     # A float32 recompute of a bf16 forward would not reproduce it and the inversion would fail loudly.
     assert [s.last_reconstruction_error for s in momentum_stages(mem)] == [0.0] * 4
@@ -181,7 +181,7 @@ def test_short_training_tracks_the_reference(warmed):
     ref_plan, mem_plan, amp_plan = (Plan.resolve(s, CPU) for s in ("momentum:reference", "momentum", "amp,momentum"))
     ref = train(ref_plan.apply(copy.deepcopy(warmed)), ref_plan)
     mem = train(mem_plan.apply(copy.deepcopy(warmed)), mem_plan)
-    amp = train(amp_plan.apply(copy.deepcopy(warmed)), amp_plan, amp_plan.get("amp").autocast)
+    amp = train(amp_plan.apply(copy.deepcopy(warmed)), amp_plan, amp_plan.precision().autocast)
     assert ref[-1] < ref[0]
     # Adam normalises updates, so float32-rounding differences in near-zero gradients grow a little.
     assert max(abs(a - b) for a, b in zip(ref, mem)) <= 2e-3, (ref, mem)

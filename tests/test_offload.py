@@ -34,10 +34,15 @@ def _step(model, plan, x, y):
     return [p.grad.clone() for p in model.parameters()]
 
 
-def test_offload_is_exact_and_warns_that_cpu_gains_nothing():
+@pytest.fixture(scope="module")
+def warmed():
+    return warmed_unet()
+
+
+def test_offload_is_exact_and_warns_that_cpu_gains_nothing(warmed):
     with pytest.warns(UserWarning, match="offload has no effect on CPU"):
         Plan.resolve("offload", CPU)
-    ref = warmed_unet()
+    ref = copy.deepcopy(warmed)
     model = copy.deepcopy(ref)
     x, y = phantom_batch(64, n=2)
     g_ref = _step(ref, _resolve("none"), x, y)
@@ -149,3 +154,87 @@ def test_offload_on_cuda_lowers_allocated_memory_and_is_exact():
     (kept_ref, g_ref), (kept_off, g_off) = results
     assert kept_off < 0.3 * kept_ref
     assert max((a - b).abs().max().item() for a, b in zip(g_ref, g_off)) == 0
+
+
+# -- quant with offload: quantized first, then offloaded ------------------------------------------------
+def _quant_step(spec, base, x, y):
+    plan = _resolve(spec)
+    model = plan.apply(copy.deepcopy(base))
+    with plan.session():
+        with plan.forward_context():
+            out = model(x)
+        plan.wrap_loss(MSSSIMLoss())(out, y).backward()
+    return model, out, plan
+
+
+def test_quant_with_offload_trains_as_quant_alone(warmed):
+    """Faithfulness: offload hands quant's 8-bit copies back unchanged, so the step is quant's, bit for bit.
+
+    The tolerance is stricter than quant's own tests (cosine ≥ 0.999 against float32): on a CPU offload keeps
+    the tensors where they are, but its pack/unpack still wrap quant's (the composition path); bitwise
+    equality also holds on a GPU, where the 8-bit copies go to host memory and back unchanged.
+    """
+    base = warmed
+    x, y = phantom_batch(64, n=2)
+    ref, out_ref, plan_ref = _quant_step("quant", base, x, y)
+    model, out, plan = _quant_step("quant,offload", base, x, y)
+    assert [s.spec for s in plan.strategies] == ["quant:int8", "offload"]
+    assert torch.equal(out, out_ref)
+    grads, grads_ref = ([p.grad for p in m.parameters()] for m in (model, ref))
+    assert sum(g.abs().sum() for g in grads_ref) > 0
+    assert all(torch.equal(a, b) for a, b in zip(grads, grads_ref))
+    for (name, a), (_, b) in zip(model.named_buffers(), ref.named_buffers()):
+        assert torch.equal(a, b), name
+    # The quantization happened (the rejected pair's claim was that it silently would not).
+    q, q_ref = plan.get("quant").quantizer, plan_ref.get("quant").quantizer
+    assert q.quantized_bytes == q_ref.quantized_bytes > 0 and q.quantized_bytes < 0.26 * q.original_bytes
+
+
+class _HostCopies(TorchDispatchMode):
+    """Dtype, elements and bytes of every host copy made under fake tensors (empty_strided on the meta device)."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[tuple[torch.dtype, int, int]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func is torch.ops.aten.empty_strided.default and str(kwargs.get("device")) == "meta":
+            self.copies.append((out.dtype, out.numel(), out.numel() * out.element_size()))
+        return out
+
+
+def test_quant_with_offload_moves_the_8bit_copies_to_the_host():
+    """Mechanism, fake tensors for a CUDA target: what leaves the device is quant's int8 data (and scales), ¼ of offload's bytes.
+
+    On this CPU the real move cannot be observed (CPU tensors already are in host memory); the fake host copies
+    (meta tensors) are what offload would copy to pinned memory on a GPU.
+    """
+    from conftest import small_unet
+
+    from memtrain.strategies.quant import MIN_NUMEL
+
+    gpu = Environment(device="cuda", native_bf16=True)
+    moved = {}
+    for spec in ("offload", "quant,offload"):
+        plan = Plan.resolve(spec, gpu)
+        with FakeTensorMode():
+            model = plan.apply(small_unet("resnet18"))
+            x, y = torch.rand(2, 1, 128, 128), torch.rand(2, 1, 128, 128)
+            count = _HostCopies()
+            with count, plan.forward_context():
+                out = model(x)
+            plan.wrap_loss(MSSSIMLoss())(out, y).backward()  # unpack: back from the host, dequantized
+            assert all(p.grad is not None and p.grad.shape == p.shape for p in model.parameters() if p.requires_grad)
+        moved[spec] = count.copies
+        if spec == "quant,offload":
+            q = plan.get("quant").quantizer
+            assert q.quantized_bytes > 0
+    # Every large floating-point saved tensor went to the host as int8 (max-pool indices, int64, are left as they are).
+    big = {dtype for dtype, numel, _ in moved["quant,offload"] if numel >= MIN_NUMEL}
+    assert big == {torch.int8, torch.int64}, big
+    assert {dtype for dtype, numel, _ in moved["offload"] if numel >= MIN_NUMEL} == {torch.float32, torch.int64}
+    host, host_quant = (sum(nbytes for *_, nbytes in moved[s]) for s in ("offload", "quant,offload"))
+    assert host_quant < 0.3 * host, host_quant / host
+    assert host_quant >= q.quantized_bytes  # the 8-bit copies and their scales, plus the small tensors quant leaves alone

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import random
+
 import pytest
 
 from memtrain.memory import scaling
-from memtrain.memory.estimate import measure_step
+from memtrain.memory.estimate import measure_sizes, measure_step
 from memtrain.memory.planner import Planner, estimate_memory
+from memtrain.memory.tracker import PHASES
 from memtrain.strategies import Environment
 
 GPU = Environment(device="cuda", native_bf16=True)  # planned for; estimated on CPU fake tensors
@@ -19,10 +23,56 @@ def test_quadratic_is_exact_integer_interpolation():
 
 
 @pytest.fixture(scope="module")
-def model():
-    m = scaling.size_model("amp,checkpoint:blocks", batch_size=1, encoder="resnet18", env=GPU)
-    assert isinstance(m, scaling.SizeModel), m
+def full_model():
+    """The unpruned model of one combination, fitted at SIZES and verified at VERIFY_SIZE (what size_model does before pruning)."""
+    traces = measure_sizes("amp,checkpoint:blocks", sizes=[*scaling.SIZES, scaling.VERIFY_SIZE], encoder="resnet18", env=GPU)
+    m = scaling.SizeModel.fit(traces[:3])
+    assert m is not None and m.matches(traces[3])
     return m
+
+
+@pytest.fixture(scope="module")
+def model(full_model):
+    """The pruned model, cached on disk as size_model would leave it."""
+    m = full_model.prune()
+    scaling.store(scaling.cache_key("amp,checkpoint:blocks", batch_size=1, encoder="resnet18", env=GPU), m)
+    return m
+
+
+def _first_maxima_sizes() -> list[int]:
+    # Every stride-grid size 192..8192, every integer 192..640, a seeded sample of other integers up to 8192, and far beyond.
+    rnd = random.Random(14)
+    return sorted({*range(192, 8193, 32), *range(192, 641), *rnd.sample(range(641, 8193), 300), 16384, 65536, 10**6})
+
+
+def test_pruned_model_gives_the_same_phase_answer_at_every_size(full_model, model):
+    # Mechanism: a few events of several hundred per phase are kept; computation: the same peak, increase and breakdown.
+    assert model.pruned and not full_model.pruned
+    for phase in PHASES:
+        assert 1 <= len(model.events[phase]) <= 4 < len(full_model.events[phase]) or phase == "optimizer"
+    for size in _first_maxima_sizes():
+        for phase in PHASES:
+            assert model.phase_at(phase, size) == full_model.phase_at(phase, size), (phase, size)
+    assert json.dumps(model.to_json()).__len__() * 20 < json.dumps(full_model.to_json()).__len__()
+    with pytest.raises(ValueError, match="pruned"):
+        model.matches(None)
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_pruning_keeps_the_first_maximum_of_crossing_quadratics(seed):
+    # Property over synthetic events built to cross, tie and repeat (values integral at SIZES, as traced bytes are):
+    # at every integer size the pruned model's peak is the same event's, with the same breakdown.
+    rnd = random.Random(seed)
+    events = []
+    for _ in range(rnd.randint(2, 40)):
+        base, slope, bend = rnd.randint(0, 2000), rnd.randint(-60, 60), rnd.choice([0, 0, 1, -1, 3])
+        current = [base + slope * k + bend * k * k + rnd.choice([0, 0, 1]) for k in range(3)]
+        events.append([current, *([rnd.randint(0, 9) for _ in range(3)] for _ in range(4))])
+    events += [events[0], [events[-1][0], [1, 2, 3], [0, 0, 0], [0, 0, 0], [0, 0, 0]]]  # a repeated event and an equal peak with another breakdown
+    full = scaling.SizeModel({p: events for p in PHASES}, (0, 0, 0))
+    pruned = full.prune()
+    for size in [*range(192, 1200), 4096, 8192, 10**6]:
+        assert pruned.phase_at("forward", size) == full.phase_at("forward", size), size
 
 
 @pytest.mark.parametrize("size", [512, 8192])

@@ -60,18 +60,30 @@ def test_disabled_strategies_are_no_op_objects():
     plan = Plan.resolve("none", CPU)
     model = torch.nn.Conv2d(1, 1, 3)
     assert plan.apply(model) is model
-    assert plan.precision_plugin() is None
+    precision = plan.precision()
+    assert precision.dtype is None and precision.grad_scaler() is None and precision.name == "fp32"
+    with precision.autocast():
+        assert not torch.is_autocast_enabled("cpu")
     with plan.forward_context(), plan.session():
         pass
 
 
 def test_amp_fp16_has_a_grad_scaler_and_bf16_has_none():
+    """The declared precision, and the Lightning plugin the loop makes of it."""
+    from memtrain.loop.precision import lightning_plugins
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fp16 = Plan.resolve("amp:fp16", CPU).precision_plugin()
-        bf16 = Plan.resolve("amp:bf16", CPU).precision_plugin()
-    assert fp16.precision == "16-mixed" and isinstance(fp16.scaler, torch.amp.GradScaler)
-    assert bf16.precision == "bf16-mixed" and bf16.scaler is None
+        fp16 = Plan.resolve("amp:fp16", CPU).precision()
+        bf16 = Plan.resolve("amp:bf16", CPU).precision()
+    assert (fp16.dtype, fp16.loss_scaling, bf16.dtype, bf16.loss_scaling) == (torch.float16, True, torch.bfloat16, False)
+    assert isinstance(fp16.grad_scaler(), torch.amp.GradScaler) and bf16.grad_scaler() is None
+    [p16], [pbf16] = lightning_plugins(fp16), lightning_plugins(bf16)
+    assert p16.precision == "16-mixed" and isinstance(p16.scaler, torch.amp.GradScaler)
+    assert pbf16.precision == "bf16-mixed" and pbf16.scaler is None
+    assert lightning_plugins(Plan.resolve("none", CPU).precision()) == []
+    with bf16.autocast(), pbf16.forward_context():  # the same autocast inside and outside Lightning
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16 and not torch.is_autocast_cache_enabled()
 
 
 def test_tf32_session_sets_and_restores_precision():
@@ -109,7 +121,7 @@ def test_amp_bf16_matches_fp32_and_saves_half_the_activations():
     MSSSIMLoss()(out32, y).backward()
     plan = Plan.resolve("amp", CPU)
     with plan.session():  # on this CPU: 16-bit convs computed by float32 kernels
-        out16, saved16 = _saved_bytes(amp, x, plan.get("amp").autocast())
+        out16, saved16 = _saved_bytes(amp, x, plan.precision().autocast())
         assert out16.dtype == torch.bfloat16
         MSSSIMLoss()(out16, y).backward()
     # Mechanism: what autograd keeps for backward is mostly 16-bit.
@@ -150,3 +162,106 @@ def test_cpu_16_bit_convolution_on_float32_kernels_equals_native(dtype):
         # Both accumulate in float32 from the same 16-bit inputs: they differ by output rounding only.
         scale = native.float().abs().max()
         assert (native.float() - emulated.float()).abs().max() <= 4 * eps * scale
+
+
+def test_strategies_listing_shows_the_time_costs_the_planner_uses():
+    """`memtrain strategies` and the planner read one declared time cost, per variant and per device (checkpoint: x1.44, not x1.00)."""
+    import re
+
+    from conftest import run_cli
+
+    from memtrain.strategies import registered
+
+    proc = run_cli("strategies")
+    assert proc.returncode == 0, proc.stderr
+    listed = {m[1]: m[2] for m in re.finditer(r"^  (\S+)\s+\[[a-z]+; time ([^\]]+)\]", proc.stdout, re.M)}
+    assert set(listed) == set(registered())
+    for name, cls in registered().items():
+        for variant in cls.variants or (None,):
+            spec = f"{name}:{variant}" if variant else name
+            planned = {}
+            for device in ("cuda", "cpu"):
+                env = Environment(device=device, native_bf16=True)
+                try:
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore")  # offload/tf32: no effect on CPU
+                        planned[device] = Plan.resolve(spec, env).time_cost  # what `memtrain plan` orders by
+                except StrategyError:  # a spec this environment rejects has no planned cost: use the bound strategy's
+                    s = create(spec)
+                    s.bind(env)
+                    planned[device] = s.relative_time()
+            shown = f"x{planned['cuda']:.2f} GPU, x{planned['cpu']:.2f} CPU"
+            per_variant = ";" in listed[name]
+            assert (f"{spec} {shown}" if per_variant else shown) in listed[name], (spec, planned, listed[name])
+    assert Plan.resolve("checkpoint", CPU).time_cost == 1.44 and "checkpoint:blocks x1.44 GPU, x1.44 CPU" in listed["checkpoint"]
+
+
+# -- the import boundary: strategies declare, the layers above run ----------------------------------------
+FORBIDDEN = ("memtrain.loop", "memtrain.distributed", "memtrain.cli", "lightning", "lightning_fabric", "pytorch_lightning")
+
+
+def _forbidden_imports(source: str, package: str = "memtrain.strategies") -> list[str]:
+    """Every import of a FORBIDDEN module in ``source``: module level or in functions, absolute, relative or through importlib."""
+    import ast
+
+    def resolve(module: str | None, level: int) -> str:
+        if not level:
+            return module or ""
+        base = package.split(".")[: len(package.split(".")) - level + 1]
+        return ".".join([*base, *([module] if module else [])])
+
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        names: list[str] = []
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = resolve(node.module, node.level)
+            names = [module] + [f"{module}.{a.name}" for a in node.names]
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
+            func = node.func
+            called = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            if called in ("import_module", "__import__"):
+                names = [node.args[0].value]
+        for name in names:
+            if any(name == f or name.startswith(f + ".") for f in FORBIDDEN):
+                found.append(f"line {node.lineno}: {name}")
+                break
+    return found
+
+
+def test_the_import_scan_finds_every_kind_of_import():
+    source = """
+import lightning as L
+from memtrain.loop.fit import LightningRunner
+def f():
+    from memtrain.distributed import rpc
+    from memtrain import cli
+    from ..loop import module
+    import importlib
+    importlib.import_module("lightning.pytorch")
+from memtrain.strategies.base import Strategy
+import memtrain.loss
+"""
+    found = _forbidden_imports(source)
+    assert [f.split(": ")[1] for f in found] == [
+        "lightning",
+        "memtrain.loop.fit",
+        "memtrain.distributed",
+        "memtrain.cli",
+        "memtrain.loop",
+        "lightning.pytorch",
+    ], found
+
+
+def test_strategies_import_neither_the_loop_nor_the_runners_nor_lightning():
+    """No module of memtrain/strategies/ imports memtrain.loop, memtrain.distributed, memtrain.cli or lightning, anywhere in it."""
+    from pathlib import Path
+
+    import memtrain.strategies
+
+    folder = Path(memtrain.strategies.__file__).parent
+    files = sorted(folder.glob("*.py"))
+    assert len(files) >= 10
+    offending = {f.name: found for f in files if (found := _forbidden_imports(f.read_text()))}
+    assert not offending, offending

@@ -15,14 +15,6 @@ from memtrain.distributed.split import shard_of
 from memtrain.loop.optim import build_optimizer
 
 
-def autocast_of(plan) -> contextlib.AbstractContextManager:
-    """The autocast of the plan's precision strategy (``amp``), for forwards that run outside Lightning."""
-    for s in plan.strategies:
-        if hasattr(s, "autocast"):
-            return s.autocast()
-    return contextlib.nullcontext()
-
-
 class Shard:
     """The encoder or the decoder (with the head) of the plan-transformed U-Net, and what trains it.
 
@@ -57,14 +49,14 @@ class Shard:
     def train_forward(self) -> contextlib.ExitStack:
         """Around a training forward: autocast and the plan's forward context (as EnhancementModule.training_step)."""
         stack = contextlib.ExitStack()
-        stack.enter_context(autocast_of(self.plan))
+        stack.enter_context(self.plan.precision().autocast())
         stack.enter_context(self.plan.forward_context())
         return stack
 
     def eval_forward(self) -> contextlib.ExitStack:
         stack = contextlib.ExitStack()
         stack.enter_context(torch.no_grad())
-        stack.enter_context(autocast_of(self.plan))
+        stack.enter_context(self.plan.precision().autocast())
         return stack
 
     # -- training -------------------------------------------------------------------

@@ -45,6 +45,7 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
     pipeline, ddp) launched with torchrun.
     """
     from memtrain.data.module import check_host_memory
+    from memtrain.loop.runners import runner_for
     from memtrain.loss import window_for
     from memtrain.strategies import Environment, Plan
 
@@ -64,7 +65,7 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
     if cfg.strategies == [AUTO]:
         cfg.strategies = choose_strategies(cfg, env)
     plan = Plan.resolve(cfg.strategies, env)
-    return plan.runner().run(cfg, plan, env, resume=Path(resume) if resume is not None else None)
+    return runner_for(plan).run(cfg, plan, env, resume=Path(resume) if resume is not None else None)
 
 
 def resume_checkpoint(run_dir: Path) -> Path:
@@ -167,6 +168,7 @@ class LightningRunner:
         from memtrain.loop.callbacks import LastCheckpoint, MetricsCSV, SampleImages
         from memtrain.loop.checkpoint_io import AtomicCheckpointIO
         from memtrain.loop.module import EnhancementModule
+        from memtrain.loop.precision import lightning_plugins
         from memtrain.memory.cuda import allocator_snapshot
         from memtrain.memory.tracker import MemoryTracker
 
@@ -186,9 +188,8 @@ class LightningRunner:
         if cfg.memory.track:
             callbacks.append(self.memory_callback(MemoryTracker(device), run_dir, cfg))
 
-        precision = plan.precision_plugin()
         trainer = L.Trainer(
-            plugins=[AtomicCheckpointIO(), *([precision] if precision is not None else [])],
+            plugins=[AtomicCheckpointIO(), *lightning_plugins(plan.precision())],
             max_epochs=cfg.train.epochs,
             max_steps=cfg.train.max_steps,
             check_val_every_n_epoch=cfg.train.val_every,

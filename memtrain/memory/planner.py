@@ -11,7 +11,8 @@ measured. The rest
 are estimated with fake tensors — nothing is allocated — by :func:`estimate_memory`: from
 the combination's *size model* (:mod:`memtrain.memory.scaling`: exact per-event quadratics
 in the image side, traced once at three small sizes and verified at a fourth, cached on
-disk, so any size up to 8192² and beyond costs nothing more), or, for strategies whose
+disk, so any size up to 8192² and beyond costs nothing more; the default combinations'
+models for the default target ship with memtrain, :mod:`memtrain.memory.shipped`), or, for strategies whose
 step changes with the size (``size_polynomial = False``) and sizes below the traced
 ones, by :func:`memtrain.memory.estimate.measure_step` at the size (~2 s on a CPU whatever
 the size; also cached). A line per estimate goes to ``progress``.
@@ -167,15 +168,15 @@ def estimate_memory(combo: str, *, size: int, batch_size: int, encoder: str, los
         elif size < scaling.SIZES[0]:
             why = f"below {scaling.SIZES[0]} px"
         else:
-            cached = scaling.load(key) is not None
+            found = scaling.find(key)
             try:
-                model = scaling.size_model(combo, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
+                model = found[0] if found is not None else scaling.size_model(combo, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
             except MemtrainError:
                 raise
             except Exception as e:  # a trace at the small sizes failed: the size itself decides
                 model = f"tracing at {scaling.SIZES[0]}-{scaling.VERIFY_SIZE} px failed ({e.__class__.__name__})"
             if isinstance(model, scaling.SizeModel):
-                return model.at(size, strategies=plan.label, batch_size=batch_size, device=env.device), "size model" + (" (cached)" if cached else "")
+                return model.at(size, strategies=plan.label, batch_size=batch_size, device=env.device), "size model" + (f" ({found[1]})" if found else "")
             why = model
     memory = scaling.load_direct(key, size)
     if memory is not None:

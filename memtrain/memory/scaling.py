@@ -15,12 +15,21 @@ that event's. The model is checked against a trace at :data:`VERIFY_SIZE` — ev
 exactly — and refused (``None``: estimate directly at the target size) when the sequences
 differ or the check fails.
 
+A verified model is *pruned* (:meth:`SizeModel.prune`): only the events that can be a
+phase's maximum at some size ≥ ``SIZES[0]`` are kept (the upper envelope of the events'
+quadratics, :mod:`memtrain.memory.envelope`, exact integer arithmetic) — typically 1 to 3 of
+several hundred per phase — so :meth:`SizeModel.phase_at` gives the same answer at every
+integer size ≥ ``SIZES[0]`` from a few hundred bytes of JSON.
+
 A strategy whose event sequence depends on the size (``Strategy.size_polynomial = False``)
 is never extrapolated.
 
 Models are cached as JSON under ``$MEMTRAIN_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/memtrain`` or ``~/.cache/memtrain``), keyed by the torch, smp and memtrain
-versions, the encoder, the combination, the batch size and the target environment.
+versions, the encoder, the combination, the batch size and the target environment. What the
+disk cache does not hold is looked up in the models shipped with memtrain
+(:mod:`memtrain.memory.shipped`: the default combinations of ``memtrain plan``, generated with
+``python -m memtrain.memory.shipped``); a key made with other versions misses there and is traced.
 """
 
 from __future__ import annotations
@@ -37,7 +46,7 @@ from memtrain.memory.tracker import PHASES
 SIZES = (192, 224, 256)
 VERIFY_SIZE = 320
 CATEGORY_KEYS = ("tensor_peak_parameters", "tensor_peak_gradients", "tensor_peak_optimizer_state", "tensor_peak_activations")
-FORMAT = 1
+FORMAT = 2  # 2: models are pruned to their upper envelope
 
 
 def _quadratic(values: tuple[int, int, int], s: int, xs: tuple[int, int, int] = SIZES) -> int:
@@ -52,8 +61,9 @@ def _quadratic(values: tuple[int, int, int], s: int, xs: tuple[int, int, int] = 
 class SizeModel:
     """Per phase, each event's [current, *categories] at the three :data:`SIZES`; plus the step's starting bytes."""
 
-    events: dict[str, list[list[list[int]]]]  # phase -> event -> size index -> [current, p, g, o, a]
+    events: dict[str, list[list[list[int]]]]  # phase -> event -> [current, p, g, o, a] -> value at each of SIZES
     step_start: tuple[int, int, int]
+    pruned: bool = False  # only the events on the upper envelope are kept (prune())
 
     @classmethod
     def fit(cls, traces) -> SizeModel | None:
@@ -84,8 +94,25 @@ class SizeModel:
     def event_values(self, phase: str, size: int) -> list[int]:
         return [_quadratic(tuple(ev[0]), size) for ev in self.events[phase]]
 
+    def prune(self) -> SizeModel:
+        """The same model with only the events that can be their phase's peak at some size ≥ ``SIZES[0]``.
+
+        Exact: :meth:`phase_at` (peak, increase and the peak's breakdown) is the same at every
+        integer size ≥ ``SIZES[0]`` (:func:`memtrain.memory.envelope.envelope`).
+        """
+        from memtrain.memory.envelope import coefficients, envelope
+
+        events = {}
+        for phase, evs in self.events.items():
+            fitted = [coefficients(ev[0], SIZES) for ev in evs]
+            keep = envelope([poly for poly, _ in fitted], fitted[0][1], SIZES[0]) if evs else []
+            events[phase] = [evs[i] for i in keep]
+        return SizeModel(events, self.step_start, pruned=True)
+
     def matches(self, trace) -> bool:
-        """Whether every event of ``trace`` (a StepMemory with events, at another size) is what the model predicts."""
+        """Whether every event of ``trace`` (a StepMemory with events, at another size) is what the model predicts (unpruned models only)."""
+        if self.pruned:
+            raise ValueError("a pruned model keeps only its envelope's events; verify before pruning")
         for phase in PHASES:
             got = [e[0] for e in trace.events.get(phase, [])]
             if got != self.event_values(phase, trace.size):
@@ -99,11 +126,16 @@ class SizeModel:
         return StepMemory(strategies, size, batch_size, True, phases, device=device, step_start=_quadratic(self.step_start, size))
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "events": self.events, "step_start": list(self.step_start)}
+        return {"format": FORMAT, "pruned": self.pruned, "events": self.events, "step_start": list(self.step_start)}
 
     @classmethod
     def from_json(cls, data: dict) -> SizeModel:
-        return cls({p: data["events"][p] for p in PHASES}, tuple(data["step_start"]))
+        return cls({p: data["events"][p] for p in PHASES}, tuple(data["step_start"]), pruned=bool(data.get("pruned", False)))
+
+
+def entry(model: SizeModel | str) -> dict:
+    """The JSON the cache holds for ``model`` (or for the reason there is none)."""
+    return model.to_json() if isinstance(model, SizeModel) else {"format": FORMAT, "direct": model}
 
 
 def cache_dir() -> Path:
@@ -137,76 +169,107 @@ def cache_key(combo: str, *, batch_size: int, encoder: str, loss: str = "msssim"
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def _cache_path(key: str) -> Path:
-    return cache_dir() / "plan" / f"{key}.json"
+def _cache_path(name: str) -> Path:
+    return cache_dir() / "plan" / f"{name}.json"
 
 
-def load(key: str) -> SizeModel | str | None:
-    """The cached model, the cached reason it cannot be extrapolated (str), or None when not cached (or unreadable)."""
+def read_entry(name: str, *, shipped: bool = True) -> tuple[dict, str] | None:
+    """The JSON stored under ``name`` (a cache key, or key-size) and where it came from ("cached" or "shipped"); None if neither has it.
+
+    The disk cache first, then (``shipped``) the models shipped with memtrain. Entries of
+    another :data:`FORMAT` are ignored.
+    """
     try:
-        data = json.loads(_cache_path(key).read_text())
-        if data.get("format") != FORMAT:
-            return None
-        return data["direct"] if "direct" in data else SizeModel.from_json(data)
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        data = json.loads(_cache_path(name).read_text())
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return data, "cached"
+    except (OSError, ValueError):
+        pass
+    if shipped:
+        from memtrain.memory.shipped import lookup
+
+        data = lookup(name)
+        if isinstance(data, dict) and data.get("format") == FORMAT:
+            return data, "shipped"
+    return None
 
 
-def store(key: str, model: SizeModel | str) -> None:
-    """Cache ``model`` (or the reason it cannot be extrapolated); a cache that cannot be written is skipped."""
+def write_entry(name: str, data: dict) -> None:
+    """Write ``data`` to the disk cache under ``name`` (atomic); a cache that cannot be written is skipped."""
     from memtrain.rundir import atomic_write_text
 
-    data = model.to_json() if isinstance(model, SizeModel) else {"format": FORMAT, "direct": model}
     try:
-        path = _cache_path(key)
+        path = _cache_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(path, json.dumps(data, separators=(",", ":")))
     except OSError:
         pass
 
 
-def size_model(combo: str, *, batch_size: int, encoder: str, loss: str = "msssim", env, verify: bool = True) -> SizeModel | str:
-    """The size model of ``combo`` (from the cache, else traced at SIZES and VERIFY_SIZE), or why there is none."""
-    key = cache_key(combo, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
-    cached = load(key)
-    if cached is not None:
-        return cached
+def find(key: str, *, shipped: bool = True) -> tuple[SizeModel | str, str] | None:
+    """The stored model (or the reason it cannot be extrapolated, str) and where it came from ("cached" or "shipped"); None if none."""
+    found = read_entry(key, shipped=shipped)
+    if found is None:
+        return None
+    data, source = found
+    try:
+        return (data["direct"] if "direct" in data else SizeModel.from_json(data)), source
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def load(key: str, *, shipped: bool = True) -> SizeModel | str | None:
+    """The stored model, the stored reason it cannot be extrapolated (str), or None when neither cached nor shipped (or unreadable)."""
+    found = find(key, shipped=shipped)
+    return None if found is None else found[0]
+
+
+def store(key: str, model: SizeModel | str) -> None:
+    """Cache ``model`` (or the reason it cannot be extrapolated); a cache that cannot be written is skipped."""
+    write_entry(key, entry(model))
+
+
+def trace(combo: str, *, batch_size: int, encoder: str, loss: str = "msssim", env, verify: bool = True) -> SizeModel | str:
+    """``combo``'s pruned size model traced at SIZES (and checked at VERIFY_SIZE), or why there is none; nothing is cached."""
     from memtrain.memory.estimate import measure_sizes
 
     sizes = [*SIZES, VERIFY_SIZE] if verify else list(SIZES)
     traces = measure_sizes(combo, sizes=sizes, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
     model = SizeModel.fit(traces[:3])
     if model is None:
-        result: SizeModel | str = f"event sequences differ between sizes {', '.join(map(str, SIZES))}"
-    elif verify and not model.matches(traces[3]):
-        result = f"the quadratic fit does not predict size {VERIFY_SIZE} exactly"
-    else:
-        result = model
+        return f"event sequences differ between sizes {', '.join(map(str, SIZES))}"
+    if verify and not model.matches(traces[3]):
+        return f"the quadratic fit does not predict size {VERIFY_SIZE} exactly"
+    return model.prune()
+
+
+def size_model(combo: str, *, batch_size: int, encoder: str, loss: str = "msssim", env, verify: bool = True, shipped: bool = True) -> SizeModel | str:
+    """The size model of ``combo`` (cached, else shipped, else traced by :func:`trace` and cached), or why there is none."""
+    key = cache_key(combo, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
+    cached = load(key, shipped=shipped)
+    if cached is not None:
+        return cached
+    result = trace(combo, batch_size=batch_size, encoder=encoder, loss=loss, env=env, verify=verify)
     store(key, result)
     return result
 
 
-def _direct_path(key: str, size: int) -> Path:
-    return cache_dir() / "plan" / f"{key}-{size}.json"
-
-
 def load_direct(key: str, size: int):
-    """A cached estimate measured at ``size`` itself (StepMemory), or None."""
+    """A cached (or shipped) estimate measured at ``size`` itself (StepMemory), or None."""
     from memtrain.memory.estimate import StepMemory
 
+    found = read_entry(f"{key}-{size}")
+    if found is None:
+        return None
+    data = found[0]
     try:
-        data = json.loads(_direct_path(key, size).read_text())
-        if data.get("format") != FORMAT:
-            return None
         return StepMemory(data["strategies"], size, data["batch_size"], True, data["phases"], device=data["device"], step_start=data["step_start"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (KeyError, TypeError):
         return None
 
 
 def store_direct(key: str, memory) -> None:
     """Cache an estimate measured at its size (skipped when the cache cannot be written)."""
-    from memtrain.rundir import atomic_write_text
-
     data = {
         "format": FORMAT,
         "strategies": memory.strategies,
@@ -215,9 +278,4 @@ def store_direct(key: str, memory) -> None:
         "phases": memory.phases,
         "step_start": memory.step_start,
     }
-    try:
-        path = _direct_path(key, memory.size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, json.dumps(data, separators=(",", ":")))
-    except OSError:
-        pass
+    write_entry(f"{key}-{memory.size}", data)

@@ -17,8 +17,6 @@ on CPU fake tensors and must use CUDA's choice).
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
 from memtrain.config import ModelConfig
@@ -49,9 +47,9 @@ class TrainStep:
             self.model.to(self.device)
         self.loss_fn = plan.wrap_loss(build_loss(loss))
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=lr, weight_decay=weight_decay, foreach=foreach)
-        precision = plan.precision_plugin()
-        self.autocast = precision.forward_context if precision is not None else contextlib.nullcontext
-        self.scaler = getattr(precision, "scaler", None) if scaler else None
+        precision = plan.precision()
+        self.autocast = precision.autocast  # what Lightning's precision plugin enters around the forward
+        self.scaler = precision.grad_scaler() if scaler else None
 
     def __call__(self, tracker, x: torch.Tensor, y: torch.Tensor, *, step: int | None = None) -> torch.Tensor:
         """One training step recorded by ``tracker``; returns the (detached) loss."""

@@ -10,7 +10,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memtrain.errors import StrategyError
-from memtrain.strategies.base import Stage, Strategy
+from memtrain.strategies.base import Precision, Stage, Strategy
 from memtrain.strategies.registry import register
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -95,15 +95,9 @@ class AMP(Strategy):
             return LowPrecisionConvOnFloat32()
         return contextlib.nullcontext()
 
-    def precision_plugin(self):
-        from lightning.pytorch.plugins.precision import MixedPrecision
-
-        scaler = torch.amp.GradScaler(self.env.device) if self.resolved == "fp16" else None
-        return MixedPrecision("bf16-mixed" if self.resolved == "bf16" else "16-mixed", device=self.env.device, scaler=scaler)
-
-    def autocast(self) -> contextlib.AbstractContextManager:
-        """The autocast context, for code that runs outside Lightning (e.g. remote shards)."""
-        return torch.autocast(self.env.device, dtype=self.dtype)
+    def precision(self) -> Precision:
+        """16-bit autocast in the resolved dtype; fp16 with dynamic loss scaling."""
+        return Precision(device=self.env.device, dtype=self.dtype, loss_scaling=self.resolved == "fp16")
 
 
 _aten = torch.ops.aten

@@ -9,11 +9,17 @@ overrides what it changes:
   *model* (saved-tensor hooks live here; the loss runs outside it);
 * :meth:`Strategy.session` — process-wide settings for the whole run (e.g. TF32),
   restored afterwards;
-* :meth:`Strategy.precision_plugin` — the Lightning precision plugin (autocast and
-  gradient scaling) when the strategy owns numeric precision;
-* :meth:`Strategy.runner` — how the run executes: ``None`` (the default) keeps the
-  single-process Lightning loop; placement strategies (rpc, pipeline, ddp) return the
-  :class:`Runner` that starts their processes' roles.
+* :meth:`Strategy.precision` — the numeric precision of the step (autocast dtype, loss
+  scaling), as plain data (:class:`Precision`), when the strategy owns it; the default,
+  float32, is a no-op :class:`Precision`;
+* :attr:`Strategy.runner_name` — which runner executes the run: ``None`` (the default)
+  keeps one process; placement strategies (rpc, pipeline, ddp) name theirs.
+
+Strategies declare *what*; the layers above decide *how*. The training loop maps a
+:class:`Precision` to Lightning's precision plugin (:mod:`memtrain.loop.precision`) and a
+runner name to the runner that starts the run's processes (:mod:`memtrain.loop.runners`);
+no module of this package imports the loop, the distributed runners, the CLI or Lightning
+(tests/test_strategies_core.py checks it).
 
 Model transforms apply in :class:`Stage` order. The order is not a convention but a
 dependency chain, written next to each stage.
@@ -64,6 +70,37 @@ class Stage(IntEnum):
 
 
 @dataclass(frozen=True)
+class Precision:
+    """The numeric precision of a training step, as data: what autocast computes in and whether the loss is scaled.
+
+    ``dtype=None`` is plain float32: no autocast, no loss scaler (the no-op every plan has
+    when no strategy sets the precision). The training loop applies it (Lightning's
+    precision plugin, :mod:`memtrain.loop.precision`); code that runs a step outside
+    Lightning (memory estimates, model-parallel shards) uses :meth:`autocast` and
+    :meth:`grad_scaler`, which are what that plugin does.
+    """
+
+    device: str = "cpu"
+    dtype: torch.dtype | None = None  # autocast dtype (torch.bfloat16, torch.float16); None: float32
+    loss_scaling: bool = False  # fp16: a dynamic GradScaler scales the loss and skips steps with inf/NaN gradients
+
+    @property
+    def name(self) -> str:
+        """'fp32', 'bf16' or 'fp16'."""
+        return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    def autocast(self, *, cache_enabled: bool = False) -> contextlib.AbstractContextManager[Any]:
+        """The autocast of the step's forward (Lightning's MixedPrecision uses it without the weight-cast cache)."""
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device, dtype=self.dtype, cache_enabled=cache_enabled)
+
+    def grad_scaler(self) -> torch.amp.GradScaler | None:
+        """A new dynamic loss scaler when the precision needs one, else None."""
+        return torch.amp.GradScaler(self.device) if self.loss_scaling else None
+
+
+@dataclass(frozen=True)
 class Environment:
     """Facts about where training runs that decide how strategies resolve."""
 
@@ -83,6 +120,8 @@ class Runner(Protocol):
     """Executes a whole `memtrain fit` run: builds the model, trains, writes the run directory.
 
     Returns the run directory on the process that wrote it, ``None`` on other processes.
+    Runners live in the layers above (``memtrain.loop.runners`` maps :attr:`Strategy.runner_name`
+    to one); this is the interface they implement.
     """
 
     def run(self, cfg: FitConfig, plan: Plan, env: Environment, *, resume: Path | None) -> Path | None: ...
@@ -100,13 +139,18 @@ class Strategy:
     summary: ClassVar[str]  # one line for `memtrain strategies`
     variants: ClassVar[tuple[str, ...]] = ()  # accepted ':variant' suffixes; the first is the default
     # Expected step time relative to `none` (1.0; 1.3 = 30 % slower, 0.6 = 40 % faster) on a
-    # CUDA GPU, and on a CPU where that differs (None: the same). `memtrain plan` orders
-    # combinations by the product over their strategies; state the basis in the docstring.
+    # CUDA GPU, and on a CPU where that differs (None: the same), for every variant; a strategy whose
+    # variants differ overrides `declared_time`. `memtrain plan` orders combinations by the product
+    # over their strategies and `memtrain strategies` lists it: both read `declared_time`. State the
+    # basis next to the numbers.
     time_cost: ClassVar[float] = 1.0
     time_cost_cpu: ClassVar[float | None] = None
     # Whether the step's tensor events are the same at every size, each a quadratic in the image side, so that
     # `memtrain plan` may extrapolate its estimate from small sizes (memtrain.memory.scaling); False: estimated at the size.
     size_polynomial: ClassVar[bool] = True
+    # The runner that executes the whole run (a key of memtrain.loop.runners.RUNNERS), or None: one process.
+    # Placement strategies (rpc, pipeline, ddp) name theirs; a plan has at most one.
+    runner_name: ClassVar[str | None] = None
 
     @classmethod
     def accepts_variant(cls, variant: str) -> bool:
@@ -141,11 +185,21 @@ class Strategy:
     def __repr__(self) -> str:
         return f"<strategy {self.spec}>"
 
+    @classmethod
+    def declared_time(cls, variant: str | None, device: str) -> float:
+        """Expected step time relative to `none` of ``name:variant`` on ``device`` ('cuda' or 'cpu').
+
+        The one source of a strategy's time cost: the planner (through :meth:`relative_time`)
+        and the ``memtrain strategies`` listing read it. Default: ``time_cost_cpu`` on a CPU
+        when set, else ``time_cost``, whatever the variant.
+        """
+        if device == "cpu" and cls.time_cost_cpu is not None:
+            return cls.time_cost_cpu
+        return cls.time_cost
+
     def relative_time(self) -> float:
-        """``time_cost`` for the bound environment's device (``time_cost_cpu`` on a CPU when set)."""
-        if self.env.device == "cpu" and self.time_cost_cpu is not None:
-            return self.time_cost_cpu
-        return self.time_cost
+        """:meth:`declared_time` of this variant on the bound environment's device."""
+        return self.declared_time(self.variant, self.env.device)
 
     # -- resolution --------------------------------------------------------------
     def bind(self, env: Environment) -> None:
@@ -168,9 +222,6 @@ class Strategy:
     def session(self) -> contextlib.AbstractContextManager[Any]:
         return contextlib.nullcontext()
 
-    def precision_plugin(self):
-        return None
-
-    def runner(self) -> Runner | None:
-        """The runner of the whole run, or None to leave it to the default (one process, Lightning)."""
+    def precision(self) -> Precision | None:
+        """The step's numeric precision when this strategy sets it, else None (the plan keeps float32)."""
         return None

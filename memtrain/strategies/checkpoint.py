@@ -404,9 +404,10 @@ class Checkpoint(Strategy):
     def plan_options(cls, env) -> tuple[tuple[str, ...], str]:
         return tuple(f"{cls.name}:{v}" for v in ("selective", "blocks", "stages", "full")), ""
 
-    def relative_time(self) -> float:
-        gpu, cpu = TIME_COST[self.variant]
-        return cpu if self.env.device == "cpu" else gpu
+    @classmethod
+    def declared_time(cls, variant: str | None, device: str) -> float:
+        gpu, cpu = TIME_COST[variant or cls.variants[0]]
+        return cpu if device == "cpu" else gpu
 
     def transform(self, model: nn.Module) -> nn.Module:
         return apply_checkpointing(model, self.variant)

@@ -118,7 +118,8 @@ class Offload(Strategy):
     computed and, in backward, the saved tensors of one node at a time. Time paid: two
     PCIe copies of the saved activations per step (about 2 × their size ÷ ~20 GB/s;
     asynchronous from pinned memory, so partly hidden behind compute) and host RAM of
-    the same size. Combined with ``checkpoint`` only the region inputs travel. Accuracy
+    the same size. Combined with ``checkpoint`` only the region inputs travel; with ``quant``
+    the 8-bit copies travel (quantized first, then moved). Accuracy
     risk: none — the same tensors come back bit for bit.
 
     On a CPU the activations already live in host memory: offload changes nothing there

@@ -5,7 +5,8 @@ processes (model parallel: less memory per device); ``ddp`` replicates it (data
 parallel: more images per second). They apply last, after every single-process
 transform, so the shards are cut from (or the replicas copy) the final model and each
 shard runs the plan's other strategies (amp, checkpoint, momentum, quantization) on its
-own process. Exactly one placement strategy per run.
+own process. Exactly one placement strategy per run. Each names its runner
+(``runner_name``); the loop layer maps the name to the runner (``memtrain.loop.runners``).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ class Placement(Strategy):
                 f"--strategies {plan.label}: '{self.name}' and '{others[0]}' both decide which processes run the model "
                 "(rpc and pipeline split it, ddp replicates it); pick one"
             )
-        amp = plan.get("amp")
-        if self.shards_model and amp is not None and getattr(amp, "resolved", None) == "fp16":
+        if self.shards_model and plan.precision().loss_scaling:
+            owner = next(s.spec for s in plan.strategies if s.precision() is not None)
             raise StrategyError(
-                f"--strategies {plan.label}: amp:fp16 needs one loss scaler whose overflow check spans all shards, "
+                f"--strategies {plan.label}: {owner} needs one loss scaler whose overflow check spans all shards, "
                 f"which {self.name} does not have; use amp:bf16 (GPUs of compute capability 8.0+) or no amp"
             )
 
@@ -54,12 +55,8 @@ class RPC(Placement):
     """
 
     name = "rpc"
+    runner_name = "rpc"
     summary = "encoder and decoder on two worker processes + a master, over torch.distributed.rpc (torchrun, 3 processes): one shard per device"
-
-    def runner(self):
-        from memtrain.distributed.rpc import RPCRunner
-
-        return RPCRunner()
 
 
 @register
@@ -77,12 +74,8 @@ class Pipeline(Placement):
     """
 
     name = "pipeline"
+    runner_name = "pipeline"
     summary = "encoder and decoder as two pipeline stages with microbatches (torchrun, 2 processes; --microbatches, --pipeline-schedule)"
-
-    def runner(self):
-        from memtrain.distributed.pipeline import PipelineRunner
-
-        return PipelineRunner()
 
 
 @register
@@ -101,10 +94,6 @@ class DDP(Placement):
     """
 
     name = "ddp"
+    runner_name = "ddp"
     summary = "data parallel replicas (DistributedDataParallel; torchrun, N processes): N × --batch-size images per step, no memory saved"
     shards_model = False
-
-    def runner(self):
-        from memtrain.distributed.ddp import DDPRunner
-
-        return DDPRunner()

@@ -8,7 +8,7 @@ from collections.abc import Iterable
 import torch
 
 from memtrain.errors import StrategyError
-from memtrain.strategies.base import Environment, Strategy
+from memtrain.strategies.base import Environment, Precision, Strategy
 from memtrain.strategies.registry import create
 
 NONE = "none"
@@ -103,19 +103,17 @@ class Plan:
             stack.enter_context(s.session())
         return stack
 
-    def precision_plugin(self):
-        plugins = [p for p in (s.precision_plugin() for s in self.strategies) if p is not None]
-        if len(plugins) > 1:
+    def precision(self) -> Precision:
+        """The step's numeric precision: the one strategy that sets it, else float32 (a no-op :class:`Precision`)."""
+        declared = [p for p in (s.precision() for s in self.strategies) if p is not None]
+        if len(declared) > 1:
             raise StrategyError(f"--strategies {self.label}: more than one strategy sets the numeric precision")
-        return plugins[0] if plugins else None
+        return declared[0] if declared else Precision(device=self.env.device)
 
-    def runner(self):
-        """Who runs the training: the one strategy that places the model on processes, else one Lightning process."""
-        runners = [r for r in (s.runner() for s in self.strategies) if r is not None]
-        if len(runners) > 1:
+    @property
+    def runner_name(self) -> str | None:
+        """The runner the placement strategy names (a key of memtrain.loop.runners.RUNNERS), or None: one process."""
+        names = [s.runner_name for s in self.strategies if s.runner_name is not None]
+        if len(names) > 1:
             raise StrategyError(f"--strategies {self.label}: more than one strategy decides which processes run the model")
-        if runners:
-            return runners[0]
-        from memtrain.loop.fit import LightningRunner
-
-        return LightningRunner()
+        return names[0] if names else None

@@ -360,17 +360,14 @@ class Quant(Strategy):
         self.quantizer = SavedTensorQuantizer(self.variant) if self.variant in FORMATS else None
 
     def check(self, plan: Plan) -> None:
-        offload = plan.get("offload")
-        if self.quantizer is not None and offload is not None:
-            raise StrategyError(
-                f"--strategies {plan.label}: {self.spec} and {offload.spec} both replace what autograd saves, "
-                "and PyTorch applies only the innermost saved-tensor hooks, so the quantization would silently not happen; pick one"
-            )
         if self.variant == "qat" and plan.get("momentum") is not None:
             raise StrategyError(
                 f"--strategies {plan.label}: quant:qat trains a model for int8 deployment, and MomentumNet stages compute their velocity in float "
                 "between blocks (no int8 form); use quant:int8 or quant:fp8 with momentum"
             )
+        # offload (Stage.OFFLOAD, entered after — inside — these hooks): PyTorch applies only the innermost saved-tensor
+        # hooks, so offload calls the hooks active when it is entered (ours) first and moves the 8-bit copies and
+        # their scales to the host (memtrain.strategies.offload.OffloadSavedTensors): quantized, then offloaded.
         # checkpoint: tensors inside checkpointed regions are recomputed, the rest are quantized — exact composition.
         # quant:qat + checkpoint/momentum: their recomputes replay observer/BN state (memtrain.strategies.recompute).
         # amp (bf16/fp16): saved 16-bit tensors are quantized from 16 bits; QAT fake-quant runs in float32.
