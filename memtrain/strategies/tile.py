@@ -634,11 +634,8 @@ class Tile(Strategy):
 
     @classmethod
     def plan_options(cls, env: Environment) -> tuple[tuple[str, ...], str]:
-        """Not yet among the combinations `memtrain plan` tries by itself: see the reason (name it in --strategies to estimate it)."""
-        return (), (
-            "a fake-tensor estimate of a tiled step takes minutes at 2048² and more (it runs every tile of every sweep), "
-            "too slow to try in every combination; name it in --strategies to estimate it"
-        )
+        """Plans try ``tile`` with its side picked from the size (:func:`auto_side`); a fake estimate runs two tiles per sweep (:func:`sampled_tiles`)."""
+        return (cls.name,), "tile:PX other than the automatic side is tried only when named in --strategies"
 
     # CPU: measured by benchmarks/tile.py at 256² (tile:128 auto, 2 × 2 tiles; process time, interleaved):
     # 8.96× `none`, FLOPs 4.03×. GPU: assumed the FLOP ratio (not measured on a GPU).
