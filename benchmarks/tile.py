@@ -6,8 +6,13 @@ U-Net ResNet34 training step (batch 1 unless given, Adam, MS-SSIM) measured with
 ``--flop-size`` the FLOP ratio (``torch.utils.flop_counter.FlopCounterMode``, forward + backward,
 real tensors) and the CPU step-time ratio to ``none`` (real steps, interleaved repeats, median).
 
-    OMP_NUM_THREADS=2 python benchmarks/tile.py --sizes 1024,2048,4096,8192
-    OMP_NUM_THREADS=2 python benchmarks/tile.py --sizes 1024 --no-write
+    OMP_NUM_THREADS=2 python benchmarks/tile.py                       # 1024..8192 and 4192² batch 4; cost at 512²
+    OMP_NUM_THREADS=2 python benchmarks/tile.py --sizes 1024 --flop-size 0 --no-write
+
+Memory is estimated for ``memtrain plan``'s default target (``--target cuda``: a GPU with native
+bf16, as the planner assumes) or for this CPU (``--target cpu``). A fake estimate of a tiled step
+runs the first and the widest tile of every sweep (:func:`memtrain.strategies.tile.sampled_tiles`;
+tests/test_tile.py checks it equals a real step), so every size takes seconds.
 
 Targets (issue 11): 2048² ≤ 0.10× the fp32 step; 4096² a plan ≤ 1.5 GiB; 4192² batch 4 ≤ 8 GiB;
 8192² ≤ 8 GiB; the lowest plan's activation peak grows ≤ 4× from 1024² to 4096²; FLOPs ≤ 1.8×.
@@ -34,23 +39,46 @@ from memtrain.memory.estimate import measure_step  # noqa: E402
 from memtrain.rundir import atomic_write_text  # noqa: E402
 
 MIB = 2**20
-PLANS = ("none", "amp,checkpoint:full,quant", "tile", "amp,tile", "amp,tile,checkpoint:full,quant")
-COLUMNS = ("size", "batch", "strategies", "forward_mib", "backward_mib", "optimizer_mib", "step_peak_mib", "peak_vs_fp32", "estimate_s")
+PLANS = ("none", "amp,checkpoint:full,quant", "tile", "amp,tile", "amp,tile,checkpoint:full,quant", "amp,tile,offload")
+CASES = "1024,2048,4096,8192,4192x4"  # SIZE or SIZExBATCH; 4192 = a native 4188² radiograph padded to the stride grid
+COLUMNS = (
+    "size",
+    "batch",
+    "strategies",
+    "forward_mib",
+    "backward_mib",
+    "optimizer_mib",
+    "step_peak_mib",
+    "activations_mib",
+    "peak_vs_fp32",
+    "estimate_s",
+)
 
 
-def memory_rows(sizes, plans, batch):
-    for size in sizes:
+def memory_rows(cases, plans, env):
+    """``activations_mib``: the activation peak — the most activation bytes at the forward's or the backward's peak."""
+    for size, batch in cases:
         base = None
         for plan in plans:
             t = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                m = measure_step(plan, size=size, batch_size=batch, fake=True, blocks=False)
+                try:
+                    m = measure_step(plan, size=size, batch_size=batch, fake=True, blocks=False, env=env)
+                except Exception as e:  # a plan the target rejects (e.g. offload on a CPU target)
+                    print(f"{plan} at {size}: {e}", flush=True)
+                    continue
             peaks = {p: m.peak(p) for p in ("forward", "backward", "optimizer")}
-            step = max(peaks.values())
+            top = max(peaks, key=peaks.get)
+            step = peaks[top]
             base = step if plan == "none" else base
             row = {"size": size, "batch": batch, "strategies": plan, **{f"{p}_mib": round(v / MIB) for p, v in peaks.items()}}
-            row.update(step_peak_mib=round(step / MIB), peak_vs_fp32=f"{step / base:.3f}" if base else "", estimate_s=f"{time.perf_counter() - t:.1f}")
+            row.update(
+                step_peak_mib=round(step / MIB),
+                activations_mib=round(max(m.phases[p].get("tensor_peak_activations", 0) for p in ("forward", "backward")) / MIB),
+                peak_vs_fp32=f"{step / base:.3f}" if base else "",
+                estimate_s=f"{time.perf_counter() - t:.1f}",
+            )
             print(row, flush=True)
             yield row
 
@@ -61,7 +89,7 @@ def _model(plan_spec):
     from memtrain.model import build_model
     from memtrain.strategies import Environment, Plan
 
-    plan = Plan.resolve(plan_spec, Environment(device="cpu", native_bf16=False))
+    plan = Plan.resolve(plan_spec, Environment.detect("cpu"))
     torch.manual_seed(0)
     return plan, plan.apply(build_model(ModelConfig(encoder="resnet34", zero_head=False))), plan.wrap_loss(MSSSIMLoss())
 
@@ -97,20 +125,26 @@ def flops_and_time(size, plans, repeats):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--sizes", default="1024,2048,4096,8192")
-    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--sizes", default=CASES, help="comma-separated SIZE or SIZExBATCH (batch 1 by default)")
     ap.add_argument("--plans", default=";".join(PLANS), help="';'-separated strategy lists")
-    ap.add_argument("--flop-size", type=int, default=256)
+    ap.add_argument("--target", choices=("cuda", "cpu"), default="cuda", help="estimate for memtrain plan's default CUDA target or for this CPU")
+    ap.add_argument("--cost-plans", default="tile;amp,tile,checkpoint:full,quant", help="';'-separated plans timed and FLOP-counted against none")
+    ap.add_argument("--flop-size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args()
     plans = args.plans.split(";")
-    rows = list(memory_rows([int(s) for s in args.sizes.split(",")], plans, args.batch))
-    cost = flops_and_time(args.flop_size, ["none", "tile"], args.repeats) if args.flop_size else {}
+    from memtrain.memory.planner import default_target
+    from memtrain.strategies import Environment
+
+    target = default_target() if args.target == "cuda" else Environment.detect("cpu")
+    cases = [(int(c.split("x")[0]), int(c.split("x")[1]) if "x" in c else 1) for c in args.sizes.split(",")]
+    rows = list(memory_rows(cases, plans, target))
+    cost = flops_and_time(args.flop_size, ["none", *args.cost_plans.split(";")], args.repeats) if args.flop_size else {}
     env = host_environment()
-    head = f"versions and machine: {env}\n"
+    head = f"versions and machine: {env}\n\ntarget: {target} ({args.target}); command: `python benchmarks/tile.py {' '.join(sys.argv[1:])}`\n"
     md = io.StringIO()
-    md.write(f"# tile: step memory (fake tensors, tensor bytes, resnet34, Adam, batch {args.batch})\n\n{head}\n")
+    md.write(f"# tile: step memory (fake tensors, tensor bytes, resnet34, Adam, MS-SSIM)\n\n{head}\n")
     md.write("| " + " | ".join(COLUMNS) + " |\n|" + "---|" * len(COLUMNS) + "\n")
     for r in rows:
         md.write("| " + " | ".join(str(r[c]) for c in COLUMNS) + " |\n")

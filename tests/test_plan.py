@@ -46,7 +46,7 @@ def test_combinations_cover_every_planned_variant_and_leave_out_placement():
     options = strategy_options(GPU)
     assert set(options) == {n for n in available() if n != "none"}  # every registered strategy is asked
     singles = [spec for specs, _ in options.values() for spec in specs]
-    assert {"amp", "tf32", "offload", "quant", "momentum", *(f"checkpoint:{v}" for v in ("selective", "blocks", "stages", "full"))} == set(singles)
+    assert {"amp", "tf32", "offload", "quant", "momentum", "tile", *(f"checkpoint:{v}" for v in ("selective", "blocks", "stages", "full"))} == set(singles)
     assert combos[0] == "none" and set(singles) <= set(combos)
     # none + every subset of strategies, each in each of its planned variants (one variant per combination).
     assert len(combos) == len(set(combos)) == math.prod(1 + len(specs) for specs, _ in options.values())
