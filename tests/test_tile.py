@@ -96,6 +96,57 @@ def test_variants_and_rejections():
         Plan.resolve("tile,pipeline", cpu)
 
 
+def _fp16_step(spec: str, model, x, y, scale: float):
+    """One `amp:fp16` step as EnhancementModule takes it: scaled backward, unscale, GradScaler step (skips on inf/nan)."""
+    plan = Plan.resolve(spec, Environment(device="cpu", native_bf16=False))
+    precision = plan.precision_plugin()
+    scaler = precision.scaler
+    scaler._init_scale = scale  # a fixed start instead of 2**16 (which overflows here and skips: see test_matrix._calibrate)
+    model = plan.apply(model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with plan.session():
+        with precision.forward_context(), plan.forward_context():
+            out = model(x)
+        with precision.forward_context():
+            loss = plan.wrap_loss(MSSSIMLoss())(out, y)
+        scaled = scaler.scale(loss)
+        scaled.backward()
+        scaler.unscale_(opt)
+        grads = torch.cat([p.grad.detach().float().flatten() for p in model.parameters()])
+        scaler.step(opt)
+        scaler.update()
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p, before[n])]
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    return out.detach().float(), loss.item(), scaled.item(), grads, buffers, moved, scaler.get_scale()
+
+
+def test_fp16_with_its_grad_scaler_composes_with_tile(warmed):
+    """`amp:fp16,tile`: the scaler scales the loss, tile's autograd Functions carry the scaled gradients, and an
+    overflowing step (inf in the tiled backward) is found and skipped, like `amp:fp16` without tile."""
+    x, y = phantom_batch(64, n=1, first=5)  # 2 × 2 tiles of 32 px (64 px is the cheapest: a tiled fp16 step on CPU is ~9 s)
+    ref = _fp16_step("amp:fp16", warmed(), x, y, 2.0**10)
+    got = _fp16_step("amp:fp16,tile:32", warmed(), x, y, 2.0**10)
+    assert got[2] == pytest.approx(got[1] * 2**10, rel=1e-6)  # the loss was scaled
+    # fp16 rounds each tile's BatchNorm output where the untiled step rounds the whole tensor's. Measured, 64 px tile:32
+    # (96 px tile:64): output 5.5e-3 (3.3e-3) of its max apart, loss 3.1e-5 (3.0e-6) relative, gradients cosine
+    # 0.99996 (0.999994), BN buffers 2.5e-3 (9.1e-4). For scale: amp:fp16 itself is held to cosine 0.99 of float32
+    # (test_matrix.py). Bounds ~4x the measured.
+    assert (got[0] - ref[0]).abs().max() <= 2e-2 * ref[0].abs().max()
+    assert got[1] == pytest.approx(ref[1], rel=2e-4)
+    assert torch.isfinite(got[3]).all() and torch.nn.functional.cosine_similarity(got[3], ref[3], dim=0) >= 0.9998
+    assert all(((got[4][n].float() - b.float()).abs().max() <= 1e-2 * b.float().abs().max()) for n, b in ref[4].items() if "running" in n)
+    assert got[5] == ref[5] and len(got[5]) > 50 and got[6] == ref[6] == 2.0**10  # the same parameters stepped, scale kept
+    # A scale that overflows fp16 in backward: inf/nan reach every gradient through the tiled regions, the scaler
+    # finds them, skips the step (no parameter moves) and halves its scale — as without tile.
+    ref = _fp16_step("amp:fp16", warmed(), x, y, 2.0**40)
+    got = _fp16_step("amp:fp16,tile:32", warmed(), x, y, 2.0**40)
+    assert not torch.isfinite(got[3]).all() and not torch.isfinite(ref[3]).all()
+    assert got[5] == ref[5] == [] and got[6] == ref[6] == 2.0**39
+    counts = [n for n in ref[4] if n.endswith("num_batches_tracked")]
+    assert all(torch.equal(got[4][n], ref[4][n]) for n in counts)  # the skipped step's forward still counted, in both
+
+
 # The issue-11 done-when, end to end: `memtrain fit --size 256 --seed 3 --max-steps 3`, with and without tile:128
 # (configs/ci-tiny.yaml: ResNet18, Adam lr 1e-3, zero head; one image per step, each step its own epoch so that
 # metrics.csv logs every step's loss; no validation, samples or memory rows).
