@@ -488,10 +488,6 @@ class Tiling:
         """The widest halo of the two regions (full-resolution px)."""
         return max(self.encoder_region.halo, self.decoder_region.halo)
 
-    def windows(self, height: int, width: int) -> list[TileWindow]:
-        """The tiles of an ``height`` × ``width`` input (the decoder region's, whose halo is the widest)."""
-        return make_tiles(height, width, self.side_for(height, width), self.decoder_region.halo)
-
     def _region(self, region: _Region, *inputs: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or any(p.requires_grad for p in region.params)):
             return _RegionFunction.apply(region, len(inputs), *inputs, *region.params)
@@ -567,7 +563,8 @@ def tiled(model: nn.Module, side: int | None) -> Iterator[Tiling]:
     saved between tiles: the peak is the whole tensors that cross the regions plus one
     tile's window working set.
     """
-    tiling = apply_tiling(model, side).__dict__[_MARK]
+    apply_tiling(model, side)
+    tiling = tiling_of(model)
     try:
         yield tiling
     finally:
