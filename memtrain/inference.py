@@ -383,6 +383,7 @@ class Enhancer:
         if tiling == "exact" and problem is not None:
             raise ConfigError(f"--tiling exact: this model cannot be tiled exactly ({problem}); use --tiling blend")
         self.exact = tiling == "exact" or (tiling == "auto" and problem is None)
+        self.fallback = tiling == "auto"  # blended tiles when exact ones cannot fit
         self._bpp: float | None = None
         self._halo: int | None = None
         self._tiled_need: dict[tuple[int, int, int], int] = {}
@@ -494,18 +495,22 @@ class Enhancer:
         budget = self.budget()
         if need <= budget:
             return Tiling(None, 0, 1, need, "fits")
+        reason = f"whole image needs ~{_gib(need)}, {_gib(budget)} available"
         if self.exact:
-            reason = f"whole image needs ~{_gib(need)}, {_gib(budget)} available"
             smallest = need
             for side in (s for s in EXACT_SIDES if s < max(h, w)):
                 tiling = self._exact(h, w, side, reason)
                 if tiling.need_bytes <= budget:
                     return tiling
+                if tiling.need_bytes >= smallest:
+                    break  # the floor: the whole ¼-resolution tensors and the middle, which smaller tiles do not shrink
                 smallest = tiling.need_bytes
-            raise MemtrainError(
-                f"not enough memory for exact {EXACT_SIDES[-1]}² tiles of a {w}x{h} image ({_gib(smallest)} needed, {_gib(budget)} available); "
-                "free memory, use --amp, or set --max-memory"
-            )
+            if not self.fallback:
+                raise MemtrainError(
+                    f"not enough memory for exact tiles of a {w}x{h} image (at least {_gib(smallest)} needed: the whole ¼-resolution "
+                    f"tensors stay; {_gib(budget)} available); free memory, use --amp, set --max-memory, or use --tiling blend"
+                )
+            reason = f"exact tiles need at least ~{_gib(smallest)}, {_gib(budget)} available"
         side = int(math.sqrt(budget / (SAFETY * self.bytes_per_pixel()))) // SIZE_MULTIPLE * SIZE_MULTIPLE
         smallest = max(SIZE_MULTIPLE * 4, 2 * overlap + SIZE_MULTIPLE)
         if side < smallest:
@@ -513,7 +518,7 @@ class Enhancer:
                 f"not enough memory for even a {smallest}² tile ({_gib(self.need_bytes(smallest, smallest))} needed, {_gib(budget)} available); "
                 "free memory, use --amp, or set --max-memory"
             )
-        return self._tiling(h, w, side, overlap, f"whole image needs ~{_gib(need)}, {_gib(budget)} available")
+        return self._tiling(h, w, side, overlap, reason)
 
     @staticmethod
     def _check_tile(tile: int) -> None:

@@ -322,9 +322,12 @@ def test_exact_tiles_hold_less_than_whole_image_inference_and_follow_the_budget(
     enhancer.max_memory = budget - 1
     tiling = enhancer.plan(256, 256)
     assert tiling.exact and tiling.tile == 64
-    enhancer.max_memory = 2**20
-    with pytest.raises(MemtrainError, match="not enough memory for exact 64² tiles"):
-        enhancer.plan(256, 256)
+    # Below exact tiles' floor (the whole ¼-resolution tensors stay): auto blends, exact says why it cannot.
+    enhancer.max_memory = floor = int(SAFETY * enhancer.tiled_bytes(256, 256, 64)) - 1
+    tiling = enhancer.plan(256, 256, overlap=32)
+    assert not tiling.exact and tiling.tile == 128 and "exact tiles need at least" in tiling.reason
+    with pytest.raises(MemtrainError, match=r"not enough memory for exact tiles of a 256x256 image .* or use --tiling blend"):
+        Enhancer(model, max_memory=floor, tiling="exact").plan(256, 256)
 
 
 def test_amp_inference_is_close_to_float32(trained_checkpoint):
