@@ -46,7 +46,7 @@ def add_parser(sub) -> None:
         choices=("auto", "exact", "blend"),
         default="auto",
         help="'exact': tiles whose output equals whole-image inference (U-Nets with a ResNet encoder and BatchNorm); "
-        "'blend': overlapping tiles blended with raised-cosine weights; 'auto': exact when the model supports it [default: auto]",
+        "'blend': overlapping tiles blended with raised-cosine weights; 'auto': exact when the model supports it and its floor fits the memory, else blend [default: auto]",
     )
     p.add_argument(
         "--overlap",
