@@ -33,8 +33,24 @@ The contract for strategies, so that any trained model loads as one plain module
 **Enhancing** (:class:`Enhancer`). An image (2-D, float32 in [0, 1], bone bright — what
 :mod:`memtrain.data.readers` returns) is zero-padded at the bottom and right to a
 multiple of 32, run through the model and cropped back; the output is clipped to
-[0, 1]. Images too large for the memory at hand are processed in overlapping tiles
-blended with raised-cosine weights (see :func:`blend_weights`), so there are no seams.
+[0, 1]. Images too large for the memory at hand are processed in tiles, in one of two ways:
+
+* **exact** (the default for a U-Net with a ResNet encoder): the machinery of the ``tile``
+  strategy (:func:`memtrain.strategies.tile.tiled`). The full-resolution stages run tile by
+  tile, each tile with the halo its receptive field needs (32 px for ResNet18/34, computed
+  from the modules) on the stride grid; what crosses into the low-resolution middle of the
+  U-Net (``f2`` at ¼, the decoder's input at ⅛) is assembled whole, and the middle runs whole.
+  In eval mode BatchNorm uses its running statistics, so each region runs every tile once.
+  The output equals whole-image inference up to float32 summation order (measured: max
+  |diff| 0.0 at 256² with 64, 96 and 128 px tiles, ResNet18, CPU). Cost: the halo's overlap
+  (a 256 px tile computes a 320² window: 1.56× the tiled stages' pixels; 128 px: 2.25×) and
+  the whole ¼-resolution tensors, which set a floor: memory is not flat in the image area,
+  only below whole-image inference's (tensor bytes at 256², ResNet18: whole 24.1 MiB, 128 px
+  tiles 11.8 MiB, 64 px tiles 8.7 MiB; see :meth:`Enhancer.tiled_bytes`).
+* **blend**: the whole U-Net on overlapping tiles blended with raised-cosine weights (see
+  :func:`blend_weights`): no seams, but not the whole-image output (the deepest features see
+  ~400 px, more than any overlap). Used for models exact tiling does not support (``quant:qat``
+  fuses BatchNorm into the convolutions), or on request.
 
 Memory rule for automatic tiling: inference holds no autograd graph, so its working
 memory is linear in the pixel count. :meth:`Enhancer.bytes_per_pixel` measures it once
@@ -46,7 +62,9 @@ autocast, counted as 195 + 386 on CPUs where the 16-bit convs run on float32 ker
 forward on CPU raised the process RSS by 455 B/px). The budget is ``--memory-budget``
 when given, else 90 % of the free CUDA memory, or on CPU half of ``MemAvailable``.
 The whole image is processed in one piece when it fits; otherwise the largest square
-tile (multiple of 32) that fits is used.
+tile (multiple of 32) that fits is used. For exact tiles the need of each candidate side
+(1024, 512, 256, 128, 64 px) is the tiled forward itself measured with fake tensors at the
+image's size (:meth:`Enhancer.tiled_bytes`), times ``SAFETY``.
 """
 
 from __future__ import annotations
@@ -80,6 +98,10 @@ SAFETY = 1.25
 #: Side of the fake-tensor probe that measures bytes per pixel.
 PROBE = 256
 DEFAULT_OVERLAP = 64
+#: How images too large for memory are tiled: exact when the model supports it (auto), exact, or blended.
+TILINGS = ("auto", "exact", "blend")
+#: Exact tile sides tried, largest first, when the whole image does not fit.
+EXACT_SIDES = (1024, 512, 256, 128, 64)
 
 
 # --------------------------------------------------------------------------- loading
@@ -320,10 +342,14 @@ class Tiling:
     tiles: int
     need_bytes: int  # estimated working memory of one forward
     reason: str
+    exact: bool = False  # exact tiles (tile's machinery, halo ``halo``) rather than blended ones
+    halo: int = 0
 
     def describe(self) -> str:
         if self.tile is None:
             return "whole image"
+        if self.exact:
+            return f"{self.tiles} exact tile{'' if self.tiles == 1 else 's'} of {self.tile}² px, halo {self.halo} ({self.reason})"
         return f"{self.tiles} tile{'' if self.tiles == 1 else 's'} of {self.tile}² px, overlap {self.overlap} ({self.reason})"
 
 
@@ -334,11 +360,19 @@ class Enhancer:
     on CPUs without native bf16 kernels the convolutions run on float32 kernels
     (:class:`~memtrain.strategies.amp.LowPrecisionConvOnFloat32`), numerically the
     same as a native kernel and ~30x faster than PyTorch's fallback.
+
+    ``tiling``: ``"exact"`` tiles equal to whole-image inference (the ``tile`` strategy's
+    regions; a U-Net with a ResNet encoder and BatchNorm, see the module docstring), ``"blend"``
+    overlapping whole-model tiles blended with raised-cosine weights, or ``"auto"``: exact
+    when the model supports it, else blend.
     """
 
-    def __init__(self, model: nn.Module, *, device: str | torch.device = "cpu", amp: bool = False, max_memory: int | None = None) -> None:
+    def __init__(self, model: nn.Module, *, device: str | torch.device = "cpu", amp: bool = False, max_memory: int | None = None, tiling: str = "auto") -> None:
         from memtrain.strategies.registry import create
+        from memtrain.strategies.tile import unsupported
 
+        if tiling not in TILINGS:
+            raise ConfigError(f"--tiling {tiling}: expected one of {', '.join(TILINGS)}")
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.amp = None
@@ -346,7 +380,14 @@ class Enhancer:
             self.amp = create("amp")
             self.amp.bind(Environment.detect(self.device.type))
         self.max_memory = max_memory
+        problem = unsupported(self.model)
+        if tiling == "exact" and problem is not None:
+            raise ConfigError(f"--tiling exact: this model cannot be tiled exactly ({problem}); use --tiling blend")
+        self.exact = tiling == "exact" or (tiling == "auto" and problem is None)
+        self.fallback = tiling == "auto"  # blended tiles when exact ones cannot fit
         self._bpp: float | None = None
+        self._halo: int | None = None
+        self._tiled_need: dict[tuple[int, int, int], int] = {}
 
     # -- contexts ------------------------------------------------------------------------
     def session(self) -> contextlib.AbstractContextManager:
@@ -399,6 +440,47 @@ class Enhancer:
                 del out
         return counter.peak / (PROBE * PROBE)
 
+    def tiled_bytes(self, h: int, w: int, side: int) -> int:
+        """Tensor bytes of one exact tiled forward of an ``h``×``w`` image in ``side``² tiles, measured with fake tensors.
+
+        The tiled forward runs for real on fake tensors (every tile of both regions), so this
+        is what it allocates: the whole tensors that cross the regions (image, ``f2`` at ¼
+        with 64 channels, the middle's features, the decoder's ⅛ input, the output) plus one
+        tile window's working set. Under ``--amp`` on a CPU without native 16-bit kernels the
+        float32 forward's bytes are added, as for :meth:`bytes_per_pixel`.
+        """
+        key = (h, w, side)
+        if key not in self._tiled_need:  # measured once per image size (a folder of scans usually shares one)
+            need = self._probe_tiled(h, w, side, autocast=self.amp is not None)
+            if self.amp is not None and self.device.type == "cpu" and not self.amp.env.native_bf16:
+                need += self._probe_tiled(h, w, side, autocast=False)
+            self._tiled_need[key] = need
+        return self._tiled_need[key]
+
+    def _probe_tiled(self, h: int, w: int, side: int, *, autocast: bool) -> int:
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
+        from memtrain.strategies.tile import tiled
+
+        counter = LiveTensorBytes()
+        with FakeTensorMode(allow_non_fake_inputs=True), tiled(self.model, side):
+            x = torch.empty(1, 1, h, w, device=self.device)
+            with torch.no_grad(), self._autocast() if autocast else contextlib.nullcontext(), TensorBytesMode(counter):
+                counter.track(x)
+                out = self.model(x)
+                del out
+        return counter.peak
+
+    def halo(self) -> int:
+        """Full-resolution halo of exact tiles (the receptive radius of the tiled regions, rounded up to 32 px)."""
+        if self._halo is None:
+            from memtrain.strategies.tile import tiled
+
+            with tiled(self.model, None) as t:
+                self._halo = t.halo
+        return self._halo
+
     def need_bytes(self, h: int, w: int) -> int:
         return int(SAFETY * self.bytes_per_pixel() * h * w)
 
@@ -410,11 +492,27 @@ class Enhancer:
         if overlap < 0:
             raise ConfigError(f"--overlap {overlap}: expected 0 or more pixels")
         if tile is not None:
-            return self._tiling(h, w, tile, overlap, "--tile")
+            return self._exact(h, w, tile, "--tile") if self.exact else self._tiling(h, w, tile, overlap, "--tile")
         need = self.need_bytes(h, w)
         budget = self.budget()
         if need <= budget:
             return Tiling(None, 0, 1, need, "fits")
+        reason = f"whole image needs ~{_gib(need)}, {_gib(budget)} available"
+        if self.exact:
+            smallest = need
+            for side in (s for s in EXACT_SIDES if s < max(h, w)):
+                tiling = self._exact(h, w, side, reason)
+                if tiling.need_bytes <= budget:
+                    return tiling
+                if tiling.need_bytes >= smallest:
+                    break  # the floor: the whole ¼-resolution tensors and the middle, which smaller tiles do not shrink
+                smallest = tiling.need_bytes
+            if not self.fallback:
+                raise MemtrainError(
+                    f"not enough memory for exact tiles of a {w}x{h} image (at least {_gib(smallest)} needed: the whole ¼-resolution "
+                    f"tensors stay; {_gib(budget)} available); free memory, use --amp, set --max-memory, or use --tiling blend"
+                )
+            reason = f"exact tiles need at least ~{_gib(smallest)}, {_gib(budget)} available"
         side = int(math.sqrt(budget / (SAFETY * self.bytes_per_pixel()))) // SIZE_MULTIPLE * SIZE_MULTIPLE
         smallest = max(SIZE_MULTIPLE * 4, 2 * overlap + SIZE_MULTIPLE)
         if side < smallest:
@@ -422,12 +520,24 @@ class Enhancer:
                 f"not enough memory for even a {smallest}² tile ({_gib(self.need_bytes(smallest, smallest))} needed, {_gib(budget)} available); "
                 "free memory, use --amp, or set --memory-budget"
             )
-        return self._tiling(h, w, side, overlap, f"whole image needs ~{_gib(need)}, {_gib(budget)} available")
+        return self._tiling(h, w, side, overlap, reason)
 
-    def _tiling(self, h: int, w: int, tile: int, overlap: int, reason: str) -> Tiling:
+    @staticmethod
+    def _check_tile(tile: int) -> None:
         if tile < SIZE_MULTIPLE or tile % SIZE_MULTIPLE:
             lower = max(SIZE_MULTIPLE, tile // SIZE_MULTIPLE * SIZE_MULTIPLE)
             raise ConfigError(f"--tile {tile}: expected a multiple of {SIZE_MULTIPLE} (the U-Net downsamples 5 times); e.g. {lower}")
+
+    def _exact(self, h: int, w: int, tile: int, reason: str) -> Tiling:
+        from memtrain.strategies.tile import make_tiles
+
+        self._check_tile(tile)
+        halo = self.halo()
+        n = len(make_tiles(h, w, tile, halo))
+        return Tiling(tile, 0, n, int(SAFETY * self.tiled_bytes(h, w, tile)), reason, exact=True, halo=halo)
+
+    def _tiling(self, h: int, w: int, tile: int, overlap: int, reason: str) -> Tiling:
+        self._check_tile(tile)
         if 2 * overlap > tile:
             raise ConfigError(f"--overlap {overlap}: expected at most half the tile ({tile // 2} for --tile {tile})")
         n = len(tile_starts(h, tile, overlap)) * len(tile_starts(w, tile, overlap))
@@ -450,8 +560,20 @@ class Enhancer:
         H, W = padded.shape
         tiling = self.plan(H, W, tile=tile, overlap=overlap)
         with self.session():
-            out = self.forward(padded[None, None])[0, 0] if tiling.tile is None else self._tiled(padded, tiling.tile, tiling.overlap)
+            if tiling.tile is None:
+                out = self.forward(padded[None, None])[0, 0]
+            elif tiling.exact:
+                out = self.exact_tiled(padded[None, None], tiling.tile)[0, 0]
+            else:
+                out = self._tiled(padded, tiling.tile, tiling.overlap)
         return out[:h, :w].clamp(0.0, 1.0).numpy(), tiling
+
+    def exact_tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
+        """The model on a (N, 1, H, W) batch in exact ``tile``² tiles: whole-image inference, summed in another order."""
+        from memtrain.strategies.tile import tiled
+
+        with tiled(self.model, tile):
+            return self.forward(x)
 
     def _tiled(self, padded: torch.Tensor, tile: int, overlap: int) -> torch.Tensor:
         H, W = padded.shape

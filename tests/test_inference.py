@@ -227,7 +227,7 @@ def test_tiled_unet_is_close_to_untiled_and_closer_with_larger_tiles(trained_che
     # The U-Net's deepest features see ~400 px (ResNet18), more than any overlap: tiles
     # change the output by what the missing context contributes, less with larger tiles.
     model, _ = load_model(trained_checkpoint)
-    enhancer = Enhancer(model)
+    enhancer = Enhancer(model, tiling="blend")
     img = _image(320, 256)
     whole, _ = enhancer(img)
     errors = {}
@@ -256,17 +256,78 @@ def test_tiling_follows_the_memory_budget(trained_checkpoint):
     need = enhancer.need_bytes(512, 512)
     assert need == int(SAFETY * counter.peak * 4)
     assert Enhancer(model, max_memory=need).plan(512, 512).tile is None
-    tight = Enhancer(model, max_memory=need // 3)
+    tight = Enhancer(model, max_memory=need // 3, tiling="blend")
     tiling = tight.plan(512, 512)
     assert tiling.tile is not None and tiling.tile % 32 == 0 and tiling.tiles > 1 and tiling.need_bytes <= need // 3
     out, used = tight(_image(500, 500))
     assert used.tile == tiling.tile and out.shape == (500, 500)
     with pytest.raises(MemtrainError, match="not enough memory for even a"):
-        Enhancer(model, max_memory=2**20).plan(512, 512)
+        Enhancer(model, max_memory=2**20, tiling="blend").plan(512, 512)
     with pytest.raises(ConfigError, match="--tile 100: expected a multiple of 32"):
         enhancer.plan(512, 512, tile=100)
     with pytest.raises(ConfigError, match="--overlap 200: expected at most half the tile"):
-        enhancer.plan(512, 512, tile=256, overlap=200)
+        tight.plan(512, 512, tile=256, overlap=200)
+
+
+def test_exact_tiles_equal_whole_image_inference(trained_checkpoint):
+    """The `tile` strategy's regions in eval mode: the output is whole-image inference, summed in another order."""
+    model, _ = load_model(trained_checkpoint)
+    enhancer = Enhancer(model)
+    assert enhancer.exact and enhancer.halo() == 32
+    x = torch.from_numpy(_image(256, 256, 0))[None, None]
+    with enhancer.session():
+        whole = enhancer.forward(x)
+        assert whole.std() > 0.01  # a model whose output depends on its input (trained with --no-zero-head)
+        for tile in (64, 96):  # 96: clipped tiles at the border (256 = 2 × 96 + 64)
+            out = enhancer.exact_tiled(x, tile)
+            # Measured max |diff| 0.0 for 64/96/128 px tiles (CPU, float32, ResNet18 checkpoint): the same convolutions.
+            assert (out - whole).abs().max() <= 1e-5 * whole.abs().max(), tile
+    # Through the image API, on an image whose padding (250 → 256, 200 → 224) reaches into the tiles.
+    img = _image(250, 200, 2)
+    ref, used = enhancer(img)
+    assert used.tile is None
+    out, used = enhancer(img, tile=128)
+    assert used.exact and used.tiles == 2 * 2 and "4 exact tiles of 128² px, halo 32" in used.describe()
+    assert np.abs(out - ref).max() <= 1e-5 * np.abs(ref).max()
+    with pytest.raises(ConfigError, match="--tiling exact: this model cannot be tiled exactly"):
+        Enhancer(_local_model(), tiling="exact")
+    assert not Enhancer(_local_model()).exact  # auto: blended tiles for models exact tiling does not support
+
+
+def test_exact_tiles_hold_less_than_whole_image_inference_and_follow_the_budget(trained_checkpoint):
+    """Real tensors counted by memtrain's tracker: exact 64 px tiles of a 256² image against the whole image."""
+    from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
+
+    model, _ = load_model(trained_checkpoint)
+    enhancer = Enhancer(model)
+    x = torch.from_numpy(_image(256, 256))[None, None]
+    peaks = {}
+    for tile in (None, 128):
+        counter = LiveTensorBytes()
+        with torch.no_grad(), TensorBytesMode(counter):
+            counter.track(x)
+            out = model(x) if tile is None else enhancer.exact_tiled(x, tile)
+        del out
+        peaks[tile] = counter.peak
+    # Measured (ResNet18): whole 24.1 MiB, 128 px tiles 11.8 MiB, 64 px tiles 8.7 MiB (fake tensors; the whole
+    # ¼-resolution f2 and the middle set the floor, one tile's window runs at a time).
+    assert peaks[128] < 0.6 * peaks[None], peaks
+    # The planner's fake-tensor measurement is what the real tiled forward allocates.
+    assert enhancer.tiled_bytes(256, 256, 128) == peaks[128]
+    assert enhancer.tiled_bytes(256, 256, 64) < peaks[128]
+    # A budget the whole image does not fit: the largest exact tile side that fits.
+    enhancer.max_memory = budget = int(SAFETY * enhancer.tiled_bytes(256, 256, 128))
+    tiling = enhancer.plan(256, 256)
+    assert tiling.exact and tiling.tile == 128 and tiling.need_bytes <= budget
+    enhancer.max_memory = budget - 1
+    tiling = enhancer.plan(256, 256)
+    assert tiling.exact and tiling.tile == 64
+    # Below exact tiles' floor (the whole ¼-resolution tensors stay): auto blends, exact says why it cannot.
+    enhancer.max_memory = floor = int(SAFETY * enhancer.tiled_bytes(256, 256, 64)) - 1
+    tiling = enhancer.plan(256, 256, overlap=32)
+    assert not tiling.exact and tiling.tile == 128 and "exact tiles need at least" in tiling.reason
+    with pytest.raises(MemtrainError, match=r"not enough memory for exact tiles of a 256x256 image .* or use --tiling blend"):
+        Enhancer(model, max_memory=floor, tiling="exact").plan(256, 256)
 
 
 def test_amp_inference_is_close_to_float32(trained_checkpoint):

@@ -143,8 +143,13 @@ def test_enhance_flag_and_path_errors(tmp_path, capsys, trained_checkpoint):
     (tmp_path / "o" / "x.png").write_bytes(b"earlier result")
     _user_error_in_process(capsys, ["enhance", ckpt, str(image), "--out", str(tmp_path / "o")], "already exist; pass --overwrite")
     assert (tmp_path / "o" / "x.png").read_bytes() == b"earlier result"
-    assert main(["enhance", ckpt, str(image), "--out", str(tmp_path / "o"), "--overwrite", "--tile", "32", "--overlap", "0"]) == 0
+    _user_error_in_process(
+        capsys, ["enhance", ckpt, str(image), "--out", str(tmp_path / "o"), "--tiling", "exact", "--overlap", "16"], "--overlap 16: applies to --tiling blend"
+    )
+    assert main(["enhance", ckpt, str(image), "--out", str(tmp_path / "o"), "--overwrite", "--tiling", "blend", "--tile", "32", "--overlap", "0"]) == 0
     assert "4 tiles of 32² px" in capsys.readouterr().out
+    assert main(["enhance", ckpt, str(image), "--out", str(tmp_path / "o"), "--overwrite", "--tile", "32"]) == 0  # exact by default
+    assert "4 exact tiles of 32² px, halo 32" in capsys.readouterr().out
     assert np.asarray(Image.open(tmp_path / "o" / "x.png")).shape == (64, 64)
 
 

@@ -3,8 +3,11 @@
 Inputs are PNG/TIFF/JPEG (8/16-bit) and DICOM files, or folders of them (searched
 recursively; the output keeps the relative layout). Images of any size are padded to a
 multiple of 32 and cropped back; images too large for the available memory are
-processed in overlapping tiles blended without seams (automatically, or always with
---tile). Outputs keep the input's format and bit depth; DICOM outputs are derived images
+processed in tiles (automatically, or always with --tile): exact tiles equal to
+whole-image inference (the `tile` strategy's machinery: the full-resolution stages tile
+by tile with the halo their receptive field needs, the low-resolution middle whole), or,
+with --tiling blend or for models exact tiling cannot run (quant:qat), overlapping tiles
+blended without seams. Outputs keep the input's format and bit depth; DICOM outputs are derived images
 with new SOP/Series Instance UIDs and the patient/study linkage kept. Logs and output
 names use input file names only, never DICOM attributes.
 """
@@ -21,7 +24,8 @@ from memtrain.vocabulary import DEVICES, add_deprecated
 EPILOG = """examples:
   memtrain enhance runs/exp1/checkpoints/best.ckpt scans/ --out enhanced/
   memtrain enhance best.ckpt chest.dcm knee.png --out enhanced/ --compare
-  memtrain enhance best.ckpt big.tif --out enhanced/ --tile 1024 --overlap 64 --amp"""
+  memtrain enhance best.ckpt big.tif --out enhanced/ --tile 1024 --amp
+  memtrain enhance best.ckpt big.tif --out enhanced/ --tiling blend --tile 1024 --overlap 64"""
 
 COMPARE_SUFFIX = "_compare.png"
 
@@ -38,7 +42,19 @@ def add_parser(sub) -> None:
     p.add_argument("inputs", metavar="IMAGES_OR_DIRS", nargs="+", help="image files (PNG, TIFF, JPEG, DICOM) or folders of them")
     p.add_argument("--out", required=True, metavar="DIR", help="output folder (created); outputs keep the input names and formats")
     p.add_argument("--tile", type=str, metavar="PX", help="always process in tiles of PX² pixels (a multiple of 32); default: only when the image does not fit")
-    p.add_argument("--overlap", type=str, default="64", metavar="PX", help="overlap of neighbouring tiles, blended with raised-cosine weights [default: 64]")
+    p.add_argument(
+        "--tiling",
+        choices=("auto", "exact", "blend"),
+        default="auto",
+        help="'exact': tiles whose output equals whole-image inference (U-Nets with a ResNet encoder and BatchNorm); "
+        "'blend': overlapping tiles blended with raised-cosine weights; 'auto': exact when the model supports it and its floor fits the memory, else blend [default: auto]",
+    )
+    p.add_argument(
+        "--overlap",
+        type=str,
+        metavar="PX",
+        help="blended tiles: overlap of neighbouring tiles [default: 64]; exact tiles carry the halo their receptive field needs instead",
+    )
     p.add_argument("--amp", action="store_true", help="16-bit autocast (bf16 on CPU and recent GPUs, else fp16): about half the memory")
     p.add_argument("--compare", action="store_true", help="also write NAME_compare.png: input | output side by side (8-bit)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="where to run: 'auto' uses CUDA when present [default: auto]")
@@ -136,11 +152,13 @@ def run(args: argparse.Namespace) -> int:
     from memtrain import __version__
     from memtrain.data.readers import load_source
     from memtrain.data.writers import compare_png, encode, quiet_pydicom
-    from memtrain.inference import Enhancer, load_trained
+    from memtrain.inference import DEFAULT_OVERLAP, Enhancer, load_trained
     from memtrain.rundir import atomic_write_bytes, check_writable
 
     tile = _int("--tile", args.tile, 32)
     overlap = _int("--overlap", args.overlap, 0)
+    if args.overlap is not None and args.tiling == "exact":
+        raise ConfigError(f"--overlap {args.overlap}: applies to --tiling blend; exact tiles carry the halo their receptive field needs")
     from memtrain.memory.units import parse_bytes
 
     max_memory = parse_bytes(args.memory_budget, "--memory-budget") if args.memory_budget is not None else None
@@ -152,7 +170,13 @@ def run(args: argparse.Namespace) -> int:
     check_writable(out, "--out")
 
     trained = load_trained(args.checkpoint, device=device)
-    enhancer = Enhancer(trained.model, device=device, amp=args.amp, max_memory=max_memory)
+    enhancer = Enhancer(trained.model, device=device, amp=args.amp, max_memory=max_memory, tiling=args.tiling)
+    if overlap is not None and enhancer.exact:
+        print(
+            f"memtrain: note: --overlap {overlap} is for blended tiles; exact tiles carry a {enhancer.halo()} px halo instead (--tiling blend uses it)",
+            flush=True,
+        )
+    overlap = DEFAULT_OVERLAP if overlap is None else overlap
     if tile is not None:
         enhancer.plan(tile, tile, tile=tile, overlap=overlap)  # flag errors before any work
     cfg = trained.config

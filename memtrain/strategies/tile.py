@@ -47,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -540,6 +541,11 @@ class Tiling:
     def side_for(self, height: int, width: int) -> int:
         return self.side if self.side is not None else auto_side(height, width)
 
+    @property
+    def halo(self) -> int:
+        """The widest halo of the two regions (full-resolution px)."""
+        return max(self.encoder_region.halo, self.decoder_region.halo)
+
     def _region(self, region: _Region, *inputs: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and (any(t.requires_grad for t in inputs) or any(p.requires_grad for p in region.params)):
             return _RegionFunction.apply(region, len(inputs), *inputs, *region.params)
@@ -562,7 +568,8 @@ class Tiling:
 NEEDS = "an smp U-Net with a ResNet encoder of depth 5 and 5 decoder blocks with BatchNorm, no classification head"
 
 
-def _supported(model: nn.Module) -> str | None:
+def unsupported(model: nn.Module) -> str | None:
+    """Why ``model`` cannot be tiled (what :data:`NEEDS` asks for is missing), or None when it can."""
     from memtrain.strategies.checkpoint import _supported as unet_problem
 
     problem = unet_problem(model)
@@ -580,7 +587,7 @@ def _supported(model: nn.Module) -> str | None:
 
 def apply_tiling(model: nn.Module, side: int | None) -> nn.Module:
     """Install the tiled program into ``model`` (in place); ``side`` None picks it from each input's size."""
-    problem = _supported(model)
+    problem = unsupported(model)
     if problem is not None:
         raise StrategyError(f"tile: needs {NEEDS}; {problem}")
     if tiling_of(model) is not None:
@@ -601,6 +608,25 @@ def tiled_modules(model: nn.Module) -> tuple[nn.Module, ...]:
     """Modules run inside tiled regions (``checkpoint`` leaves them alone); empty when not tiled."""
     tiling = tiling_of(model)
     return tiling.tiled_modules if tiling is not None else ()
+
+
+@contextlib.contextmanager
+def tiled(model: nn.Module, side: int | None) -> Iterator[Tiling]:
+    """``model`` runs tiled inside the block, untiled again after it (exact, see the module docstring).
+
+    For inference (``memtrain enhance``): in eval mode every BatchNorm normalises with its
+    running statistics, so no statistics sweep runs — each region runs every tile once
+    (E: image → ``f2``; D: ``d1``, ``f2``, image → output) and the middle runs whole, which
+    is whole-image inference summed in another order. Under ``torch.no_grad`` nothing is
+    saved between tiles: the peak is the whole tensors that cross the regions plus one
+    tile's window working set.
+    """
+    apply_tiling(model, side)
+    tiling = tiling_of(model)
+    try:
+        yield tiling
+    finally:
+        remove_tiling(model)
 
 
 def remove_tiling(model: nn.Module) -> nn.Module:
@@ -687,6 +713,8 @@ __all__ = [
     "receptive_radius",
     "remove_tiling",
     "sampled_tiles",
+    "tiled",
     "tiled_modules",
     "tiling_of",
+    "unsupported",
 ]
