@@ -643,13 +643,17 @@ class Tile(Strategy):
     """Exact tiled training of the U-Net's full-resolution stages (stem, layer1, decoder blocks 2–4, head).
 
     Memory saved: the activations at ¼ resolution and finer are never held for the whole
-    image — only each tile's window while it runs — so the step's peak grows with the whole
-    tensors that cross into the middle (``f2`` at ¼, the one-channel output) instead of the
-    stages' full working set: nearly flat in the image area next to ``none``. Time paid:
-    extra passes over the tiled stages (≈ 36 % of the U-Net's FLOPs): BatchNorm with
-    whole-batch statistics costs one partial no-grad forward sweep per BN in forward and one
-    recompute + partial backward per BN in backward, plus halo overlap. Accuracy risk: none
-    — outputs, gradients and BatchNorm buffers equal the untiled step within float32 rounding.
+    image — only each tile's window while it runs. What remains grows with the area: the
+    whole tensors that cross the regions (``f2`` at ¼, ``d1`` at ⅛, the image, the one-channel
+    output), the loss and the untiled middle. Measured (benchmarks/results/tile.md, CUDA
+    target, batch 1): ``amp,tile,checkpoint:full,quant`` holds 0.096× the float32 step at
+    2048² and 1.46 GiB at 4096²; ``amp,tile,offload`` 0.083× and 1.07 GiB; the activation
+    peak still grows ~11× from 1024² to 4096² (16× the pixels). Time paid: extra passes over
+    the tiled stages — BatchNorm with whole-batch statistics costs one partial no-grad sweep
+    per BN in forward and one recompute + partial backward per BN in backward, plus the halo:
+    3.4× the FLOPs of the plain step, 4.0× its CPU time at 512². Accuracy risk: none — in
+    float64 outputs, gradients and BatchNorm buffers equal the untiled step to 1e-8; in
+    float32 they differ by summation order only (see docs/strategies/tile.md).
     """
 
     name = "tile"
@@ -663,10 +667,10 @@ class Tile(Strategy):
         """Plans try ``tile`` with its side picked from the size (:func:`auto_side`); a fake estimate runs two tiles per sweep (:func:`sampled_tiles`)."""
         return (cls.name,), "tile:PX other than the automatic side is tried only when named in --strategies"
 
-    # CPU: measured by benchmarks/tile.py at 256² (tile:128 auto, 2 × 2 tiles; process time, interleaved):
-    # 8.96× `none`, FLOPs 4.03×. GPU: assumed the FLOP ratio (not measured on a GPU).
-    time_cost = 4.0
-    time_cost_cpu = 9.0
+    # CPU: measured by benchmarks/tile.py at 512² (auto side 256, 2 × 2 tiles; process time, interleaved):
+    # 4.02× `none`, FLOPs 3.39×. GPU: assumed the FLOP ratio (not measured on a GPU).
+    time_cost = 3.4
+    time_cost_cpu = 4.0
 
     @classmethod
     def accepts_variant(cls, variant: str) -> bool:
