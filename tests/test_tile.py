@@ -210,3 +210,16 @@ def test_fake_estimate_of_sampled_tiles_equals_the_real_step():
     fake = measure_step("tile:64", size=160, encoder="resnet18", env=env, fake=True, blocks=False)
     assert {p: fake.peak(p) for p in PHASES} == {p: real.peak(p) for p in PHASES}
     assert len(make_tiles(160, 160, 64, 32)) == 9
+
+
+def test_plan_names_a_tile_plan_where_only_tiling_fits(tmp_path):
+    """`memtrain plan` at 2048², 2 GiB, default headroom: the best untiled plan needs 2.5 GiB, the tiled one 1.7 GiB and is chosen."""
+    from conftest import run_cli
+
+    plans = "amp,checkpoint:full,quant;amp,tile,checkpoint:full,quant"
+    proc = run_cli("plan", "--size", "2048", "--memory-budget", "2GiB", "--all", "--strategies", plans, MEMTRAIN_CACHE_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr
+    chosen = [line for line in proc.stdout.splitlines() if line.startswith("fastest that fits:")]
+    assert chosen and "tile" in chosen[0], proc.stdout
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith("amp,")}
+    assert rows["amp,checkpoint:full,quant"].rstrip().endswith("no") and "yes" in rows["amp,tile,checkpoint:full,quant"]
