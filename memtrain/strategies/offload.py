@@ -46,15 +46,16 @@ class OffloadSavedTensors(saved_tensors_hooks):
         self.pin = device_type == "cuda" and torch.cuda.is_available()
         self.outer = None
         self._copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
+        self._outer_copies: WeakIdKeyDictionary = WeakIdKeyDictionary()
         super().__init__(self._pack, self._unpack)
 
     def __enter__(self):
         self.outer = _outer_hooks()
-        self._copies = WeakIdKeyDictionary()
+        self._copies, self._outer_copies = WeakIdKeyDictionary(), WeakIdKeyDictionary()
         return super().__enter__()
 
     def __exit__(self, *exc):
-        self._copies = WeakIdKeyDictionary()  # the graph holds the copies it needs
+        self._copies, self._outer_copies = WeakIdKeyDictionary(), WeakIdKeyDictionary()  # the graph holds the copies it needs
         return super().__exit__(*exc)
 
     # -- one tensor ------------------------------------------------------------------
@@ -88,9 +89,16 @@ class OffloadSavedTensors(saved_tensors_hooks):
 
     # -- hooks -------------------------------------------------------------------------
     def _pack(self, t):
-        if self.outer is not None:
-            return tree_map(self._to_host, self.outer[0](t))
-        return self._to_host(t)
+        if self.outer is None:
+            return self._to_host(t)
+        # Packed once per saved tensor (a skip feature is saved by several operators), keyed weakly by it: the
+        # outer hooks' device-side result (e.g. quant's 8-bit copy) is freed once moved, so it cannot be the key.
+        cached = self._outer_copies.get(t)
+        if cached is not None and cached[0] == t._version:
+            return cached[1]
+        packed = tree_map(self._to_host, self.outer[0](t))
+        self._outer_copies[t] = (t._version, packed)
+        return packed
 
     def _unpack(self, packed):
         if self.outer is not None:

@@ -153,7 +153,9 @@ class SavedTensorQuantizer:
     def __init__(self, fmt: str = "int8", min_numel: int = MIN_NUMEL) -> None:
         self.fmt = fmt
         self.min_numel = min_numel
-        self._cache: dict[tuple, tuple[weakref.ref, Quantized]] = {}
+        # Weak on both sides: autograd keeps what it saved; an outer hook (offload) that moves the 8-bit copy
+        # away must be able to free the device copy, so the cache never keeps it alive.
+        self._cache: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
         self.quantized_bytes = 0  # bytes of the 8-bit copies made
         self.original_bytes = 0  # bytes of the tensors they replaced
 
@@ -172,10 +174,10 @@ class SavedTensorQuantizer:
         storage = t.untyped_storage()
         key = (storage._cdata, t.storage_offset(), tuple(t.shape), tuple(t.stride()), t._version, t.dtype)
         hit = self._cache.get(key)
-        if hit is not None and hit[0]() is storage:
-            return hit[1]
+        if hit is not None and hit[0]() is storage and (packed := hit[1]()) is not None:
+            return packed
         packed = quantize(t, self.fmt)
-        self._cache[key] = (weakref.ref(storage), packed)
+        self._cache[key] = (weakref.ref(storage), weakref.ref(packed))
         self.quantized_bytes += packed.nbytes
         self.original_bytes += t.numel() * t.element_size()
         return packed
