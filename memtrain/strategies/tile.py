@@ -658,7 +658,7 @@ class Tile(Strategy):
 
     name = "tile"
     stage = Stage.TILE
-    summary = "tile the full-resolution stages with exact BatchNorm: memory ~flat in the image area, for extra forward passes of those stages"
+    summary = "the full-resolution stages tile by tile with exact BatchNorm: with amp,checkpoint:full,quant 0.096x the fp32 step at 2048², for ~3.4x its FLOPs"
     variants = ("auto",)
     size_polynomial: ClassVar[bool] = False
 
