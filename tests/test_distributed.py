@@ -511,6 +511,18 @@ def test_rpc_with_momentum_and_quant_trains_exactly_like_one_process(tmp_path):
     ref = reference(out, strategies="momentum,quant")
     assert_same_training(out, ref)
     assert worst_state_difference(ref["ckpt"], reference(out, strategies="momentum")["state"]) > 10 * TOL  # quant ran on the shards
+    # The one-process fake-tensor estimate of every rank's step (benchmarks/distributed.py --shards) is what the ranks recorded.
+    from memtrain.distributed.estimate import measure_shard_steps
+
+    estimate = measure_shard_steps("rpc,momentum,quant", size=64, batch_size=2, encoder="resnet18")
+    for rr in estimate:
+        recorded = {
+            r["phase"]: float(r["tensor_peak_mib"]) for r in rows(out / ("memory.csv" if rr.rank == 0 else f"memory.rank{rr.rank}.csv")) if r["step"] == "1"
+        }
+        estimated = {r.phase: r.metrics["tensor_peak"] / 2**20 for r in rr.records if r.step == 1}
+        assert recorded.keys() == estimated.keys() == {"forward", "backward", "optimizer"}
+        for phase, mib in recorded.items():
+            assert estimated[phase] == pytest.approx(mib, rel=0.03, abs=0.2), (rr.role, phase, estimated, recorded)
 
 
 @pytest.mark.slow
