@@ -29,12 +29,17 @@ import contextlib
 import warnings
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memtrain.config import from_dict
 from memtrain.distributed.memory import RankMemory, RankRecords
 from memtrain.distributed.shard import Shard
 from memtrain.distributed.split import DECODER, ENCODER
 from memtrain.errors import StrategyError
+from memtrain.loss import build_loss
+from memtrain.memory.estimate import execution_device
+from memtrain.strategies import Environment, Plan
+from memtrain.strategies.amp import count_working_copies
 
 MASTER = "master"
 LAYOUTS = {"rpc": (MASTER, ENCODER, DECODER), "pipeline": (ENCODER, DECODER)}
@@ -66,19 +71,12 @@ def measure_shard_steps(
     :func:`memtrain.memory.estimate.measure_step`). The records of every step are returned; the
     first step has no optimizer state yet, so peaks are usually read from the last.
     """
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from memtrain.loss import build_loss
-    from memtrain.memory.estimate import _execution_device
-    from memtrain.strategies import Environment, Plan
-    from memtrain.strategies.amp import count_working_copies
-
     env = env or Environment(device="cpu", native_bf16=False)
     plan = Plan.resolve(strategies, env)
     layout = plan.runner_name
     if layout not in LAYOUTS:
         raise StrategyError(f"--strategies {plan.label}: per-shard estimates need rpc or pipeline (a placement that cuts the model)")
-    device = _execution_device(env, fake)
+    device = execution_device(env, fake)
     run_plan = plan
     if device != env.device:
         with warnings.catch_warnings():
