@@ -56,8 +56,10 @@ def _kill(procs) -> None:
             p.wait(timeout=30)
 
 
-def run_ranks(world: int, *args: str, timeout: float = LAUNCH_TIMEOUT) -> list[subprocess.CompletedProcess]:
-    """`python -m memtrain fit ARGS` as ``world`` ranks with torchrun's variables (static rendezvous on 127.0.0.1)."""
+def start_ranks(world: int, *args: str, logs: Path | None = None) -> list[subprocess.Popen]:
+    """`python -m memtrain fit ARGS` as ``world`` ranks with torchrun's variables (static rendezvous on 127.0.0.1).
+
+    Output goes to pipes, or with ``logs`` to ``logs/rank<R>.out`` and ``.err``. Each rank is its own process group."""
     port = free_port()
     procs = []
     try:
@@ -71,17 +73,22 @@ def run_ranks(world: int, *args: str, timeout: float = LAUNCH_TIMEOUT) -> list[s
                 MASTER_ADDR="127.0.0.1",
                 MASTER_PORT=str(port),
             )
-            procs.append(
-                subprocess.Popen(
-                    [sys.executable, "-m", "memtrain", "fit", *args],
-                    cwd=ROOT,
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    text=True,
-                    start_new_session=True,
-                )
-            )
+            with contextlib.ExitStack() as files:
+                out = err = subprocess.PIPE
+                if logs is not None:  # the child keeps its own descriptors; ours close after the start
+                    out, err = (files.enter_context((logs / f"rank{rank}.{kind}").open("w")) for kind in ("out", "err"))
+                cmd = [sys.executable, "-m", "memtrain", "fit", *args]
+                procs.append(subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, text=True, start_new_session=True))
+    except BaseException:
+        _kill(procs)
+        raise
+    return procs
+
+
+def run_ranks(world: int, *args: str, timeout: float = LAUNCH_TIMEOUT) -> list[subprocess.CompletedProcess]:
+    """The ranks of :func:`start_ranks`, waited for (killed after ``timeout``)."""
+    procs = start_ranks(world, *args)
+    try:
         results = []
         deadline = time.time() + timeout
         for p in procs:
@@ -148,6 +155,13 @@ def reference(run_dir: Path, *, microbatches: int = 1, strategies: str = "none")
     finally:
         torch.set_num_threads(threads)
     return {"losses": losses, "lrs": lrs, "steps": step, "state": model.state_dict(), "optimizer": optimizer.state_dict(), "ckpt": ckpt}
+
+
+def worst_state_difference(ckpt: dict, state: dict) -> float:
+    """Largest |Δ| between a run's checkpointed model state and ``state`` (the plain model's keys)."""
+    got = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    assert set(got) == set(state), "checkpoint keys differ from the reference model's"
+    return max((got[k].double() - v.double()).abs().max().item() for k, v in state.items())
 
 
 def assert_same_training(run_dir: Path, ref: dict) -> None:
@@ -384,57 +398,158 @@ def test_pipeline_with_one_microbatch_trains_exactly_like_one_process(tmp_path):
     assert_rank_memory(out, ["encoder", "decoder"])
 
 
-@pytest.mark.slow
-def test_ddp_replicas_average_gradients_and_rank_0_writes(tmp_path):
-    """ddp: 2 replicas × batch 1 = one step over both images with averaged gradients; rank 0's BatchNorm statistics."""
+def ddp_reference(run_dir: Path, strategies: str = "none", replicas: int = 2) -> dict:
+    """What DDP computes, in this process: ``replicas`` copies of the run's model, each on its DistributedSampler
+    share of every step (batch --batch-size), gradients averaged, one Adam step; before every forward the replicas
+    take rank 0's parameters and buffers (DDP broadcasts rank 0's BatchNorm buffers). Rank 0's final state."""
     from torch.utils.data import DistributedSampler
 
     from memtrain.data.module import build_datasets
     from memtrain.distributed.launch import seed_all
+    from memtrain.loop.optim import build_optimizer
     from memtrain.loss import MSSSIMLoss
     from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
     from memtrain.model import build_model
+    from memtrain.strategies import Environment, Plan
 
-    out = tmp_path / "ddp"
-    results = run_ranks(2, *TINY, "--strategies", "ddp", "--batch-size", "1", "--lr", "1e-4", "--val-images", "1", "--out", str(out))
-    assert_ok(results)
-    assert "2 replicas × --batch-size 1 = 2 images per step" in results[0].stdout
-    cfg = C.load_yaml(out / "config.yaml")
+    cfg = C.load_yaml(run_dir / "config.yaml")
+    plan = Plan.resolve(strategies, Environment.detect("cpu"))  # the environment the run's processes detect
     train_set, _ = build_datasets(cfg.data)
     orders = []
-    for rank in range(2):
-        sampler = DistributedSampler(train_set, num_replicas=2, rank=rank, shuffle=True, seed=cfg.train.seed)
+    for rank in range(replicas):
+        sampler = DistributedSampler(train_set, num_replicas=replicas, rank=rank, shuffle=True, seed=cfg.train.seed)
         sampler.set_epoch(0)
         orders.append(list(sampler))
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         seed_all(cfg.train.seed)
-        replicas = [build_model(cfg.model) for _ in range(2)]
-        replicas[1].load_state_dict(replicas[0].state_dict())
-        optimizer = torch.optim.Adam(replicas[0].parameters(), lr=cfg.train.lr)
-        with TensorBytesMode(LiveTensorBytes()):
+        models = [plan.apply(build_model(cfg.model)) for _ in range(replicas)]
+        optimizer, _ = build_optimizer(models[0].parameters(), cfg.train)
+        loss_fn = plan.wrap_loss(MSSSIMLoss())
+        losses = []
+        with plan.session(), TensorBytesMode(LiveTensorBytes()):
             for step in range(len(orders[0])):
-                replicas[1].load_state_dict(replicas[0].state_dict())  # DDP: same parameters, rank 0's buffers
-                for rank, model in enumerate(replicas):
+                for rank, model in enumerate(models):
+                    if rank:
+                        model.load_state_dict(models[0].state_dict())  # DDP: same parameters, rank 0's buffers
                     x, y = (t[None] for t in train_set[orders[rank][step]])
-                    MSSSIMLoss()(model(x), y).backward()
-                for p, q in zip(replicas[0].parameters(), replicas[1].parameters()):
-                    p.grad = (p.grad + q.grad) / 2
-                    q.grad = None
+                    with plan.precision().autocast():  # Lightning's precision plugin wraps the whole training_step
+                        with plan.forward_context():
+                            out = model(x)
+                        loss = loss_fn(out, y)
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                for p, *qs in zip(*(m.parameters() for m in models)):
+                    p.grad = (p.grad + sum(q.grad for q in qs)) / replicas
+                    for q in qs:
+                        q.grad = None
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
     finally:
         torch.set_num_threads(threads)
+    return {"state": models[0].state_dict(), "steps": len(orders[0]), "losses": losses}
+
+
+@pytest.mark.slow
+def test_ddp_replicas_average_gradients_and_rank_0_writes(tmp_path):
+    """ddp: 2 replicas × batch 1 = one step over both images with averaged gradients; rank 0's BatchNorm statistics."""
+    out = tmp_path / "ddp"
+    results = run_ranks(2, *TINY, "--strategies", "ddp", "--batch-size", "1", "--lr", "1e-4", "--val-images", "1", "--out", str(out))
+    assert_ok(results)
+    assert "2 replicas × --batch-size 1 = 2 images per step" in results[0].stdout
+    ref = ddp_reference(out)
     ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    got = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    ref = replicas[0].state_dict()
-    assert set(got) == set(ref)
-    worst = max((got[k].double() - v.double()).abs().max().item() for k, v in ref.items())
+    worst = worst_state_difference(ckpt, ref["state"])
     assert worst <= TOL, worst
-    assert ckpt["global_step"] == 2
+    assert ckpt["global_step"] == ref["steps"] == 2
     assert_rank_memory(out, ["replica", "replica"])
     assert [r["epoch"] for r in rows(out / "metrics.csv")] == ["0"]
+
+
+@pytest.mark.slow
+def test_ddp_with_amp_checkpoint_quant_momentum_trains_like_its_replicas_in_one_process(tmp_path):
+    """ddp,amp,checkpoint,quant,momentum (2 replicas × batch 1): every replica runs the whole single-process plan, DDP
+    averages their gradients — the checkpoint equals the same plan's replicas stepped in one process (parameters,
+    BatchNorm buffers within 1e-6). Not compared with one process at batch 2: BatchNorm normalises per replica.
+    The comparison can tell: the same run without quant's 8-bit saved activations is measurably different."""
+    out = tmp_path / "ddp-all"
+    plan = "amp,checkpoint,quant,momentum"
+    results = run_ranks(2, *TINY, "--strategies", f"ddp,{plan}", "--batch-size", "1", "--lr", "1e-3", "--val-images", "1", "--out", str(out))
+    assert_ok(results)
+    ckpt = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ref = ddp_reference(out, plan)
+    worst = worst_state_difference(ckpt, ref["state"])  # momentum's keys: the run applied MomentumNet
+    assert worst <= TOL, worst
+    assert ckpt["global_step"] == ref["steps"] == 2
+    bn = [k for k in ref["state"] if k.endswith("num_batches_tracked")]
+    assert bn and all(int(ckpt["state_dict"][f"model.{k}"]) == 2 for k in bn)  # checkpoint's and momentum's recomputes replay BatchNorm
+    train_loss = float(rows(out / "metrics.csv")[0]["train_loss"])
+    assert train_loss == pytest.approx(sum(ref["losses"]) / len(ref["losses"]), abs=1e-5) and train_loss < 0.999
+    assert worst_state_difference(ckpt, ddp_reference(out, "amp,checkpoint,momentum")["state"]) > 10 * TOL
+
+
+@pytest.mark.slow
+def test_pipeline_gpipe_two_microbatches_with_momentum_and_quant_equals_gradient_accumulation(tmp_path):
+    """pipeline,momentum,quant under GPipe with 2 microbatches (both forwards in flight before either backward): each
+    stage runs MomentumNet and 8-bit saved activations on its own shard; equals one process accumulating the same plan's
+    gradients over the 2 microbatches (loss, parameters, BatchNorm buffers, Adam state within 1e-6)."""
+    out = tmp_path / "gpipe"
+    args = [*SMALL_RUN, "--strategies", "pipeline,momentum,quant", "--microbatches", "2", "--pipeline-schedule", "gpipe", "--epochs", "2", "--out", str(out)]
+    assert_ok(run_ranks(2, *args))
+    ref = reference(out, microbatches=2, strategies="momentum,quant")
+    assert_same_training(out, ref)
+    assert worst_state_difference(ref["ckpt"], reference(out, microbatches=2, strategies="momentum")["state"]) > 10 * TOL  # quant ran on the shards
+
+
+@pytest.mark.slow
+def test_rpc_with_momentum_and_quant_trains_exactly_like_one_process(tmp_path):
+    """rpc,momentum,quant: the encoder shard runs invertible MomentumNet stages and both shards keep 8-bit saved
+    activations; equals the same plan in one process (deterministic: within 1e-6)."""
+    out = tmp_path / "rpc-mq"
+    assert_ok(run_ranks(3, *SMALL_RUN, "--strategies", "rpc,momentum,quant", "--epochs", "2", "--out", str(out)))
+    ref = reference(out, strategies="momentum,quant")
+    assert_same_training(out, ref)
+    assert worst_state_difference(ref["ckpt"], reference(out, strategies="momentum")["state"]) > 10 * TOL  # quant ran on the shards
+    # The one-process fake-tensor estimate of every rank's step (benchmarks/distributed.py --shards) is what the ranks recorded.
+    from memtrain.distributed.estimate import measure_shard_steps
+
+    estimate = measure_shard_steps("rpc,momentum,quant", size=64, batch_size=2, encoder="resnet18")
+    for rr in estimate:
+        recorded = {
+            r["phase"]: float(r["tensor_peak_mib"]) for r in rows(out / ("memory.csv" if rr.rank == 0 else f"memory.rank{rr.rank}.csv")) if r["step"] == "1"
+        }
+        estimated = {r.phase: r.metrics["tensor_peak"] / 2**20 for r in rr.records if r.step == 1}
+        assert recorded.keys() == estimated.keys() == {"forward", "backward", "optimizer"}
+        for phase, mib in recorded.items():
+            assert estimated[phase] == pytest.approx(mib, rel=0.03, abs=0.2), (rr.role, phase, estimated, recorded)
+
+
+@pytest.mark.slow
+def test_pipeline_rank_1_exits_with_one_line_when_rank_0_dies(tmp_path):
+    """Kill rank 0 of a pipeline run mid-training: rank 1, waiting in a gloo collective, gets gloo's error at once and
+    holds it until the heartbeat decides — exit code 1 and one line on stderr, no Python traceback, no C++ stack."""
+    out = tmp_path / "pipe-death"
+    args = [*SMALL_RUN, "--strategies", "pipeline", "--epochs", "100", "--master-timeout", "2", "--out", str(out)]
+    procs = start_ranks(2, *args, logs=tmp_path)
+    try:
+        deadline = time.time() + LAUNCH_TIMEOUT
+        while time.time() < deadline and all(p.poll() is None for p in procs) and not (out / "checkpoints" / "last.ckpt").exists():
+            time.sleep(0.2)
+        assert all(p.poll() is None for p in procs), (tmp_path / "rank0.err").read_text()[-3000:] + (tmp_path / "rank1.err").read_text()[-3000:]
+        os.killpg(procs[0].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        procs[1].wait(timeout=60)
+        waited = time.monotonic() - killed
+    finally:
+        _kill(procs)
+    err = (tmp_path / "rank1.err").read_text()
+    assert procs[1].returncode == 1, err[-3000:]
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and re.fullmatch(
+        r"memtrain: error: rank 1 \(decoder stage\): no heartbeat from rank 0 for \d+ s \(it died or hangs\); exiting", lines[0]
+    ), err
+    assert waited < 20
 
 
 def _torchrun(*args: str, log: Path) -> subprocess.Popen:

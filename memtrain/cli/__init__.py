@@ -8,6 +8,7 @@ and exit with code 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import warnings
@@ -83,4 +84,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def entry() -> None:
+    # c10's own log lines go to stderr with a C++ stack (a TCPStore client's "recvValue failed" when rank 0 of a
+    # distributed run died and took the store with it); memtrain's contract is one line per error. Set before torch
+    # loads, which reads it once; TORCH_CPP_LOG_LEVEL=WARNING (or INFO) in the environment brings them back.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     sys.exit(main())

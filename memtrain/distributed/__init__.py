@@ -14,5 +14,6 @@ Shared pieces: :mod:`.launch` (environment, process groups, devices),
 :mod:`.heartbeat` (ranks exit when rank 0 dies), :mod:`.split` (the U-Net cut),
 :mod:`.shard` (one shard's model, optimizer and thread contexts), :mod:`.master` (the
 explicit training loop of rpc and pipeline), :mod:`.memory` (per-rank phase peaks and
-their summary).
+their summary), :mod:`.estimate` (every rank's step memory estimated in one process, with
+fake tensors: per-shard figures at sizes no test machine trains).
 """

@@ -4,7 +4,7 @@ Every rank is a replica running the single-process Lightning loop (same module, 
 callbacks) on its share of each epoch (Lightning's DistributedSampler); DDP averages
 the gradients across replicas in buckets during the backward, so all replicas take the
 same optimizer step. Rank 0 creates the run directory and tells the others its path,
-and writes config.yaml, metrics.csv (validation metrics averaged over ranks), samples
+and writes config.yaml, metrics.csv (training loss and validation metrics over every rank's images), samples
 and checkpoints; every rank records its own memory, gathered to rank 0 into
 ``memory.csv`` / ``memory.rank<R>.csv``. Gradients are views into DDP's communication
 buckets (``gradient_as_bucket_view``), so they take no second copy.

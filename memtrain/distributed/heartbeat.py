@@ -8,10 +8,17 @@ every ``interval`` seconds, and every other rank watches it: if the counter has 
 changed for ``timeout`` seconds, or the store itself is gone (it lives with rank 0's
 agent), the rank prints one line and exits with code 1. Exit takes at most
 ``timeout + interval`` seconds after rank 0's last beat.
+
+A rank that waits inside a collective or an RPC usually hears of rank 0's death sooner,
+as an exception from gloo or TensorPipe (with a C++ stack in its message). Such a rank
+runs its waiting under :meth:`Heartbeat.verdict`: the exception is held until the
+heartbeat decides — rank 0 silent: the one line and exit code 1, no traceback; rank 0
+still beating or finished: the exception goes on as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -54,6 +61,17 @@ class Heartbeat:
                 self.store.set(KEY, DONE)
             except Exception:
                 pass
+
+    @contextlib.contextmanager
+    def verdict(self):
+        """Around a follower's waiting: an exception inside waits for the heartbeat's verdict on rank 0 (see the module)."""
+        try:
+            yield
+        except Exception:
+            deadline = time.monotonic() + self.timeout + 2 * self.interval
+            while time.monotonic() < deadline and not self._stop.is_set():
+                time.sleep(min(0.2, self.interval))  # _watch exits the process here if rank 0 is gone
+            raise
 
     def __enter__(self) -> Heartbeat:
         return self.start()

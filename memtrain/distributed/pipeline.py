@@ -303,7 +303,7 @@ class PipelineRunner:
                 engines[0].close()
             else:
                 engine = PipelineEngine(cfg, plan, device, rank_memory(device, cfg.memory.track), denv)
-                with plan.session():
+                with heartbeat.verdict(), plan.session():
                     engine.serve()
                 run_dir = None
             ok = True

@@ -239,7 +239,8 @@ class RPCRunner:
         rpc.init_rpc(role, rank=denv.rank, world_size=denv.world_size, rpc_backend_options=backend_options(cfg, denv, device, store))
         if not denv.is_master:
             # Serve the master's calls; returns once every rank has called shutdown.
-            rpc.shutdown()
+            with heartbeat.verdict():
+                rpc.shutdown()
             heartbeat.stop()
             return None
         from memtrain.distributed.master import train

@@ -31,7 +31,9 @@ class Shard:
         self.cfg, self.plan, self.part, self.device, self.memory = cfg, plan, part, device, memory
         seed_all(cfg.train.seed)
         model = plan.apply(build_model(cfg.model))
-        self.module: nn.Module = shard_of(model, part, strategy).to(device)
+        self.module: nn.Module = shard_of(model, part, strategy)
+        if any(t.device != device for t in (*self.module.parameters(), *self.module.buffers())):
+            self.module.to(device)  # (only when needed: fake-tensor estimates cannot swap their parameters)
         del model
         self.optimizer, self.scheduler = build_optimizer(self.module.parameters(), cfg.train)
 

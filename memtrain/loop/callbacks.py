@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Checkpoint
 
 from memtrain.rundir import atomic_write_bytes, atomic_write_text
@@ -75,8 +76,10 @@ class MetricsCSV(L.Callback):
     mid-epoch, continues with exactly the rows and sums the checkpoint covers.
 
     ``lr`` is the learning rate the epoch trained with; ``train_loss`` the mean of its
-    training losses weighted by batch size; ``epoch_seconds`` its training and validation
-    time, summed over the processes that ran it.
+    training losses weighted by batch size, over every process's images (data parallel:
+    the replicas' sums are added up when the row is written; a run resumed mid-epoch
+    keeps rank 0's part of the sums from before the resume); ``epoch_seconds`` its
+    training and validation time, summed over the processes that ran it.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -120,6 +123,8 @@ class MetricsCSV(L.Callback):
             self.file.rows = []
         elif trainer.is_global_zero:
             self.file.write()  # drop rows of epochs the checkpoint does not cover
+        else:  # data parallel: the checkpoint's sums are rank 0's; counted once, there
+            self._loss_sum, self._seen = 0.0, 0
         self._t0 = time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -148,11 +153,15 @@ class MetricsCSV(L.Callback):
 
     def _write_row(self, trainer, *, ran_val: bool) -> None:
         m = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        # Every process calls this at the same point: data parallel adds the replicas' sums (one process: unchanged).
+        loss_sum, seen = trainer.strategy.reduce(
+            torch.tensor([self._loss_sum, float(self._seen)], dtype=torch.float64, device=trainer.strategy.root_device), reduce_op="sum"
+        ).tolist()
         row = {
             "epoch": str(trainer.current_epoch),
             "step": str(trainer.global_step),
             "lr": "" if self._lr is None else f"{self._lr:.6g}",
-            "train_loss": format_metric(self._loss_sum / self._seen if self._seen else None),
+            "train_loss": format_metric(loss_sum / seen if seen else None),
             "epoch_seconds": f"{self._before + time.perf_counter() - self._t0:.2f}",
         }
         for col in METRIC_COLUMNS:

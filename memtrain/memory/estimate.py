@@ -58,7 +58,8 @@ class StepMemory:
         return self.metric_peak("tensor_peak")
 
 
-def _execution_device(env, fake: bool) -> str:
+def execution_device(env, fake: bool) -> str:
+    """Where a step for target ``env`` runs: the target device, or CPU fake tensors for a CUDA target on a machine without CUDA."""
     if env.device == "cuda" and not torch.cuda.is_available():
         if not fake:
             from memtrain.errors import ConfigError
@@ -124,7 +125,7 @@ def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, e
 
     env = env or Environment(device="cpu", native_bf16=False)
     plan = Plan.resolve(strategies, env)
-    device = _execution_device(env, fake)
+    device = execution_device(env, fake)
     run_plan = plan
     if device != env.device:
         # Same resolved strategies (e.g. amp:fp16 for a pre-Ampere GPU), executed on CPU fake tensors.
