@@ -17,13 +17,8 @@ def _about() -> dict:
 
 
 def _same_versions() -> None:
-    import segmentation_models_pytorch as smp
-    import torch
-
-    import memtrain
-
     about = _about()
-    here = {"torch": torch.__version__, "smp": smp.__version__, "memtrain": memtrain.__version__, "format": scaling.FORMAT}
+    here = scaling.installed_versions() | {"format": scaling.FORMAT}
     there = {k: about[k] for k in here}
     if here != there:
         pytest.skip(f"the shipped models were made with {there}, this is {here}: they miss here (regenerate: python -m memtrain.memory.shipped)")
@@ -54,10 +49,8 @@ def test_cold_plan_estimate_comes_from_the_shipped_model_and_other_versions_miss
     monkeypatch.setenv("MEMTRAIN_SHIPPED", "0")  # switched off (benchmarks): the same key misses
     assert scaling.load(scaling.cache_key("checkpoint:stages,amp", batch_size=2, encoder="resnet34", env=env)) is None
     monkeypatch.delenv("MEMTRAIN_SHIPPED")
-    import torch
-
-    monkeypatch.setattr(torch, "__version__", "0.0.0")  # another torch: another key, which the shipped file does not hold
-    assert scaling.load(scaling.cache_key("checkpoint:stages,amp", batch_size=2, encoder="resnet34", env=env)) is None
+    other = scaling.installed_versions() | {"torch": "0.0.0"}  # another torch: another key, which the shipped file does not hold
+    assert scaling.load(scaling.cache_key("checkpoint:stages,amp", batch_size=2, encoder="resnet34", env=env, versions=other)) is None
 
 
 def test_a_fresh_trace_equals_the_shipped_model():

@@ -26,7 +26,6 @@ Microbatches (``--microbatches`` > 1) are not modelled.
 from __future__ import annotations
 
 import contextlib
-import warnings
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -37,8 +36,8 @@ from memtrain.distributed.shard import Shard
 from memtrain.distributed.split import DECODER, ENCODER
 from memtrain.errors import StrategyError
 from memtrain.loss import build_loss
-from memtrain.memory.estimate import execution_device
-from memtrain.strategies import Environment, Plan
+from memtrain.memory.estimate import execution_plan
+from memtrain.strategies import Environment
 from memtrain.strategies.amp import count_working_copies
 
 MASTER = "master"
@@ -72,17 +71,10 @@ def measure_shard_steps(
     first step has no optimizer state yet, so peaks are usually read from the last.
     """
     env = env or Environment(device="cpu", native_bf16=False)
-    plan = Plan.resolve(strategies, env)
+    plan, run_plan, torch_device = execution_plan(strategies, env, fake)
     layout = plan.runner_name
     if layout not in LAYOUTS:
         raise StrategyError(f"--strategies {plan.label}: per-shard estimates need rpc or pipeline (a placement that cuts the model)")
-    device = execution_device(env, fake)
-    run_plan = plan
-    if device != env.device:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run_plan = Plan.resolve(plan.specs, Environment(device=device, native_bf16=False))
-    torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     cfg = from_dict({"model": {"encoder": encoder}, "train": {"batch_size": batch_size}, "loss": loss}, "measure_shard_steps")
     roles = LAYOUTS[layout]
     memories = {role: RankMemory(torch_device) for role in roles}

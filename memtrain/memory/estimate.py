@@ -69,6 +69,25 @@ def execution_device(env, fake: bool) -> str:
     return env.device
 
 
+def execution_plan(strategies, env, fake: bool):
+    """``strategies`` resolved for target ``env``, the plan that runs it here, and the torch device it runs on.
+
+    For a CUDA target on a machine without CUDA the same resolved strategies (e.g. amp:fp16 for a
+    pre-Ampere GPU) run on CPU fake tensors.
+    """
+    from memtrain.strategies import Environment, Plan
+
+    plan = Plan.resolve(strategies, env)
+    device = execution_device(env, fake)
+    run_plan = plan
+    if device != env.device:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            run_plan = Plan.resolve(plan.specs, Environment(device=device, native_bf16=False))
+    torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    return plan, run_plan, torch_device
+
+
 def measure_step(
     strategies: str | Iterable[str] = "none",
     *,
@@ -119,20 +138,12 @@ def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, e
 
     from memtrain.memory.blocks import block_parameters
     from memtrain.memory.step import TrainStep
-    from memtrain.strategies import Environment, Plan
+    from memtrain.strategies import Environment
     from memtrain.strategies.amp import count_working_copies
     from memtrain.strategies.tile import sampled_tiles
 
     env = env or Environment(device="cpu", native_bf16=False)
-    plan = Plan.resolve(strategies, env)
-    device = execution_device(env, fake)
-    run_plan = plan
-    if device != env.device:
-        # Same resolved strategies (e.g. amp:fp16 for a pre-Ampere GPU), executed on CPU fake tensors.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            run_plan = Plan.resolve(plan.specs, Environment(device=device, native_bf16=False))
-    torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
+    plan, run_plan, torch_device = execution_plan(strategies, env, fake)
     if backends is None:
         backends = ("tensor",) if fake else None
     tracker = MemoryTracker(torch_device, backends=backends, blocks=blocks, events=events)

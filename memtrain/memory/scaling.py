@@ -146,19 +146,22 @@ def cache_dir() -> Path:
     return Path(base) / "memtrain"
 
 
-def cache_key(combo: str, *, batch_size: int, encoder: str, loss: str = "msssim", env) -> str:
-    """A hash of everything the traces depend on: versions, model, combination, batch and target."""
+def installed_versions() -> dict[str, str]:
+    """The versions a trace depends on: torch, segmentation-models-pytorch and memtrain as installed."""
     import segmentation_models_pytorch as smp
     import torch
 
     import memtrain
 
+    return {"torch": torch.__version__, "smp": smp.__version__, "memtrain": memtrain.__version__}
+
+
+def cache_key(combo: str, *, batch_size: int, encoder: str, loss: str = "msssim", env, versions: dict[str, str] | None = None) -> str:
+    """A hash of everything the traces depend on: versions (default: :func:`installed_versions`), model, combination, batch and target."""
     what = {
         "format": FORMAT,
         "sizes": [*SIZES, VERIFY_SIZE],
-        "torch": torch.__version__,
-        "smp": smp.__version__,
-        "memtrain": memtrain.__version__,
+        **(versions or installed_versions()),
         "encoder": encoder,
         "loss": loss,
         "combo": combo,

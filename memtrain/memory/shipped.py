@@ -114,10 +114,6 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MEMTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="memtrain-ship-")  # workers inherit it
     os.environ.setdefault("OMP_NUM_THREADS", "1" if args.jobs > 1 else "2")
 
-    import segmentation_models_pytorch as smp
-    import torch
-
-    import memtrain
     from memtrain.memory import scaling
     from memtrain.memory.planner import default_target
 
@@ -146,9 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         "what": "pruned size models (memtrain.memory.scaling) of memtrain plan's default combinations; keys are scaling.cache_key",
         "regenerate": "python -m memtrain.memory.shipped --jobs 2",
         "format": scaling.FORMAT,
-        "torch": torch.__version__,
-        "smp": smp.__version__,
-        "memtrain": memtrain.__version__,
+        **scaling.installed_versions(),
         "encoder": ENCODER,
         "loss": LOSS,
         "batch_sizes": batch_sizes,
