@@ -10,10 +10,13 @@ lands on). Rank 0 writes the run directory in every strategy.
 ``ddp``        :mod:`memtrain.distributed.ddp` — data parallel replicas (Lightning)
 =============  ======================================================================
 
-Shared pieces: :mod:`.launch` (environment, process groups, devices),
-:mod:`.heartbeat` (ranks exit when rank 0 dies), :mod:`.split` (the U-Net cut),
-:mod:`.shard` (one shard's model, optimizer and thread contexts), :mod:`.master` (the
-explicit training loop of rpc and pipeline), :mod:`.memory` (per-rank phase peaks and
-their summary), :mod:`.estimate` (every rank's step memory estimated in one process, with
-fake tensors: per-shard figures at sizes no test machine trains).
+Every placement trains with the one loop of :mod:`memtrain.loop` (Lightning's, over
+:class:`memtrain.loop.module.EnhancementModule`): ddp through Lightning's DDP strategy, rpc
+and pipeline through :mod:`.sharded` (rank 0 runs the single-process run with the shards
+behind its placement hooks; the other ranks serve). Shared pieces: :mod:`.launch`
+(environment, process groups, devices), :mod:`.heartbeat` (ranks exit when rank 0 dies),
+:mod:`.split` (the U-Net cut), :mod:`.shard` (one shard's model, optimizer and thread
+contexts), :mod:`.memory` (per-rank phase peaks and their summary), :mod:`.estimate` (every
+rank's step memory estimated in one process, with fake tensors: per-shard figures at sizes no
+test machine trains).
 """

@@ -6,7 +6,7 @@ loss. Each batch is split into ``--microbatches`` M; the schedule (``--pipeline-
 GPipe, or 1F1B which starts backwards early and keeps fewer microbatches' activations
 alive) passes each microbatch's skip features from stage 0 to stage 1 and their
 gradients back, and scales the summed gradients by 1/M — gradient accumulation over M
-microbatches. Each stage steps its own Adam and schedule.
+microbatches. Each stage steps its own Adam, at the learning rate of the run's one schedule.
 
 Known break fixed here: the gradient of a skip feature is a slice of the gradient of the
 decoder's concatenation — non-contiguous — and gloo refuses to send non-contiguous
@@ -21,8 +21,10 @@ pipeline computes exactly what single-process training computes.
 A batch of b images with b not divisible by M (the last, partial batch of an epoch) runs
 with the largest divisor of b not above M.
 
-Rank 1 follows rank 0's commands (train step, predict, train/eval mode, schedule step,
-state, load, memory records, stop), broadcast on a gloo group; tensors travel point to
+Rank 0 runs the same Lightning loop as single-process ``memtrain fit``
+(:mod:`memtrain.distributed.sharded`), with this module's engine behind it. Rank 1 follows
+rank 0's commands (forward and backward, optimizer step at the schedule's rate, predict,
+train/eval mode, state, load, memory records, stop), broadcast on a gloo group; tensors travel point to
 point (gloo on CPU, NCCL on CUDA).
 """
 
@@ -82,7 +84,7 @@ def _stage_class():
 
 
 class PipelineEngine:
-    """This rank's stage. On rank 0 it is what the master loop drives; on rank 1 :meth:`serve` follows rank 0."""
+    """This rank's stage. On rank 0 the engine behind Lightning's loop (a ShardEngine); on rank 1 :meth:`serve` follows rank 0."""
 
     label = NAME
 
@@ -92,6 +94,7 @@ class PipelineEngine:
         from memtrain.loss import build_loss
 
         self.cfg, self.plan, self.device, self.memory, self.rank = cfg, plan, device, memory, denv.rank
+        self.step = 0
         self.part = STAGES[denv.rank]
         self.shard = Shard(cfg, plan, self.part, device, memory, NAME)
         self.loss_fn = plan.wrap_loss(build_loss(cfg.loss))
@@ -130,7 +133,8 @@ class PipelineEngine:
             self.memory.begin("backward")
 
     # -- the step, on both ranks ---------------------------------------------------------------
-    def _train(self, step: int, shape: tuple[int, ...], x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> float:
+    def _train(self, step: int, shape: tuple[int, ...], x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
+        """Forward and backward of every microbatch (the schedule interleaves them); the batch's mean loss, on both ranks."""
         import torch.distributed as dist
 
         schedule = self._schedule(shape)
@@ -149,12 +153,15 @@ class PipelineEngine:
                 schedule.step(x, return_outputs=False)
             else:
                 schedule.step(target=y, losses=losses, return_outputs=False)
-            mem.begin("optimizer")
-            self.shard.optimizer_step()
-        mem.end_step()
         loss = torch.stack(losses).float().mean().detach() if losses else torch.zeros((), device=self.device)
         dist.broadcast(loss, src=1)
-        return float(loss)
+        return loss
+
+    def _optimizer_step(self, lr: float) -> None:
+        self.memory.begin("optimizer")
+        with self.shard.work():
+            self.shard.optimizer_step(lr)
+        self.memory.end_step()
 
     @torch.no_grad()
     def _predict(self, shape: tuple[int, ...], x: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -202,10 +209,21 @@ class PipelineEngine:
         dist.gather_object(list(self.memory.records), records, dst=0, group=self.ctrl)
         return records
 
-    # -- rank 0: what the master loop calls --------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
-        self._command("train", step, tuple(x.shape))
-        return self._train(step, tuple(x.shape), x=x, y=y)
+    # -- rank 0: the ShardEngine that Lightning's loop drives (memtrain.distributed.sharded) ---------
+    def step_context(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
+        """The schedule's forward *and* backward of the batch (it interleaves microbatches); the loss, computed on rank 1."""
+        self._command("train", self.step, tuple(x.shape))
+        return self._train(self.step, tuple(x.shape), x=x, y=y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Nothing: :meth:`forward_loss`'s schedule ran the backward already."""
+
+    def optimizer_step(self, lr: float) -> None:
+        self._command("step", lr)
+        self._optimizer_step(lr)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         shape = (x.shape[0], 1, *x.shape[2:])
@@ -216,27 +234,25 @@ class PipelineEngine:
         self._command("mode", mode)
         self.shard.set_training(mode)
 
-    def scheduler_step(self) -> None:
-        self._command("scheduler")
-        self.shard.scheduler_step()
-
-    def lr(self) -> float:
-        return self.shard.lr()
-
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         self._command("state")
         enc, dec = self._gather_states()
-        return {
-            "state_dict": merge_state_dicts(enc["module"], dec["module"]),
-            "optimizer_states": [merge_optimizer_states(enc["optimizer"], dec["optimizer"])],
-            "lr_schedulers": [enc["scheduler"]] if enc["scheduler"] is not None else [],
-        }
+        return merge_state_dicts(enc["module"], dec["module"])
 
-    def load(self, state_dict: dict, optimizer_state: dict | None, scheduler_state: dict | None) -> None:
+    def load_state_dict(self, state: dict) -> None:
         self._command("load")
-        modules = split_state_dict(state_dict)
-        optims = split_optimizer_state(optimizer_state, self.shard.n_params()) if optimizer_state else {ENCODER: None, DECODER: None}
-        self._scatter_states([{"module": modules[p], "optimizer": optims[p], "scheduler": scheduler_state} for p in STAGES])
+        modules = split_state_dict(state)
+        self._scatter_states([{"module": modules[p]} for p in STAGES])
+
+    def optimizer_state(self) -> dict:
+        self._command("state")
+        enc, dec = self._gather_states()
+        return merge_optimizer_states(enc["optimizer"], dec["optimizer"])
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self._command("load")
+        optims = split_optimizer_state(state, self.shard.n_params())
+        self._scatter_states([{"optimizer": optims[p]} for p in STAGES])
 
     def memory_records(self) -> list[RankRecords]:
         self._command("memory")
@@ -255,12 +271,12 @@ class PipelineEngine:
                 return
             if op == "train":
                 self._train(cmd[1], cmd[2])
+            elif op == "step":
+                self._optimizer_step(cmd[1])
             elif op == "predict":
                 self._predict(cmd[1])
             elif op == "mode":
                 self.shard.set_training(cmd[1])
-            elif op == "scheduler":
-                self.shard.scheduler_step()
             elif op == "state":
                 self._gather_states()
             elif op == "load":
@@ -291,16 +307,11 @@ class PipelineRunner:
         ok = False
         try:
             if denv.is_master:
-                from memtrain.distributed.master import train
+                from memtrain.distributed.sharded import ShardedRunner
 
-                engines: list[PipelineEngine] = []
-
-                def factory(memory):
-                    engines.append(PipelineEngine(cfg, plan, device, memory, denv))
-                    return engines[0]
-
-                run_dir = train(cfg, plan, env, resume=resume, device=device, engine_factory=factory)
-                engines[0].close()
+                engine = PipelineEngine(cfg, plan, device, rank_memory(device, cfg.memory.track), denv)
+                run_dir = ShardedRunner(engine, device).run(cfg, plan, env, resume=resume)
+                engine.close()
             else:
                 engine = PipelineEngine(cfg, plan, device, rank_memory(device, cfg.memory.track), denv)
                 with heartbeat.verdict(), plan.session():

@@ -10,9 +10,13 @@ One training step, inside a distributed-autograd context:
    worker to worker, not through the master), runs, and returns the output image;
 3. the master computes 1 − MS-SSIM and runs the distributed backward: gradients flow back
    to the decoder and from the decoder to the encoder over RPC;
-4. each shard takes its gradients out of the context and steps its own Adam (and, per
-   epoch, its own learning-rate schedule). ``DistributedOptimizer`` cannot carry a
-   scheduler and its state cannot be checkpointed; per-shard optimizers can.
+4. each shard takes its gradients out of the context and steps its own Adam at the
+   learning rate of the run's one schedule (Lightning's, on the master).
+   ``DistributedOptimizer`` cannot carry a scheduler and its state cannot be
+   checkpointed; per-shard optimizers can.
+
+The master runs the same Lightning loop as single-process ``memtrain fit``
+(:mod:`memtrain.distributed.sharded`): this module only supplies the engine behind it.
 
 BatchNorm layers live on their shard and update their statistics there. Train/eval mode,
 checkpoints (the shards' states merge into one checkpoint with the plain model's keys
@@ -86,8 +90,8 @@ class RemoteShard:
         on_backward_threads(out if isinstance(out, tuple) else (out,), shard.work)
         return out
 
-    def step(self, context_id: int) -> None:
-        """Take this shard's gradients out of the distributed-autograd context and step its optimizer."""
+    def step(self, context_id: int, lr: float) -> None:
+        """Take this shard's gradients out of the distributed-autograd context and step its optimizer at ``lr``."""
         import torch.distributed.autograd as dist_autograd
 
         self.memory.begin("optimizer")
@@ -95,17 +99,11 @@ class RemoteShard:
             grads = dist_autograd.get_gradients(context_id)
             for p in self.shard.module.parameters():
                 p.grad = grads.get(p)
-            self.shard.optimizer_step()
+            self.shard.optimizer_step(lr)
         self.memory.end_step()
 
     def set_training(self, mode: bool) -> None:
         self.shard.set_training(mode)
-
-    def scheduler_step(self) -> None:
-        self.shard.scheduler_step()
-
-    def lr(self) -> float:
-        return self.shard.lr()
 
     def state(self) -> dict:
         return self.shard.state()
@@ -121,17 +119,23 @@ class RemoteShard:
 
 
 class RPCEngine:
-    """The master's handle on the two shards: what :func:`memtrain.distributed.master.train` drives."""
+    """The master's handle on the two shards (a :class:`memtrain.distributed.sharded.ShardEngine`).
+
+    One step, as Lightning drives it through :class:`~memtrain.distributed.sharded.ShardOptimizer`:
+    :meth:`step_context` opens a distributed-autograd context around Lightning's closure and the
+    optimizer step; the closure runs :meth:`forward_loss` (the shards' forwards, the loss here) and
+    :meth:`backward`; then :meth:`optimizer_step` has each shard step with the context's gradients.
+    """
 
     label = NAME
 
     def __init__(self, cfg: FitConfig, plan, device: torch.device, memory) -> None:
         import torch.distributed.rpc as rpc
 
-        from memtrain.loss import build_loss
-
         self.device, self.memory = device, memory
-        self.loss_fn = plan.wrap_loss(build_loss(cfg.loss))
+        self.step = 0
+        self._context_id: int | None = None
+        self._features = None  # the encoder's skip features (an RRef), alive until the step ends
         args = (to_dict(cfg), plan.specs)
         self.shards = {part: rpc.remote(part, RemoteShard, args=(*args, part)) for part in (ENCODER, DECODER)}
         # Surface a shard's construction error here, not at the first step.
@@ -141,28 +145,45 @@ class RPCEngine:
         futures = [getattr(rref.rpc_async(), method)(*args) for rref in self.shards.values()]
         return [f.wait() for f in futures]
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor, step: int) -> float:
+    def _scatter(self, parts: dict[str, dict]) -> None:
+        for f in [rref.rpc_async().load(parts[part]) for part, rref in self.shards.items()]:
+            f.wait()
+
+    # -- the step ---------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def step_context(self):
         import torch.distributed.autograd as dist_autograd
 
-        m = self.memory
-        enc, dec = self.shards[ENCODER], self.shards[DECODER]
-        m.start_step(step, x, y)
-        m.begin("forward")
-        with m.counting(), dist_autograd.context() as ctx:
-            features = enc.remote().forward(x, step, True)
-            out = dec.rpc_sync().forward(features, step, True)
-            m.track(out)
-            loss = self.loss_fn(out, y)
-            del out
-            m.begin("backward")
-            on_backward_threads((loss,), m.counting)
-            dist_autograd.backward(ctx, [loss])
-            m.begin("optimizer")
-            self._all("step", ctx)
-            del features
-        m.end_step()
-        return float(loss.detach())
+        with self.memory.counting(), dist_autograd.context() as context_id:
+            self._context_id = context_id
+            try:
+                yield
+            finally:
+                self._context_id, self._features = None, None
 
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor, loss_fn) -> torch.Tensor:
+        m = self.memory
+        m.start_step(self.step, x, y)
+        m.begin("forward")
+        self._features = self.shards[ENCODER].remote().forward(x, self.step, True)
+        out = self.shards[DECODER].rpc_sync().forward(self._features, self.step, True)
+        m.track(out)
+        return loss_fn(out, y)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        import torch.distributed.autograd as dist_autograd
+
+        self.memory.begin("backward")
+        on_backward_threads((loss,), self.memory.counting)
+        dist_autograd.backward(self._context_id, [loss])
+
+    def optimizer_step(self, lr: float) -> None:
+        self.memory.begin("optimizer")
+        self._all("step", self._context_id, lr)
+        self._features = None
+        self.memory.end_step()
+
+    # -- everything else ----------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         features = self.shards[ENCODER].remote().forward(x, -1, False)
@@ -171,28 +192,19 @@ class RPCEngine:
     def set_training(self, mode: bool) -> None:
         self._all("set_training", mode)
 
-    def scheduler_step(self) -> None:
-        self._all("scheduler_step")
-
-    def lr(self) -> float:
-        return self.shards[ENCODER].rpc_sync().lr()
-
-    def state(self) -> dict:
+    def state_dict(self) -> dict:
         enc, dec = self._all("state")
-        return {
-            "state_dict": merge_state_dicts(enc["module"], dec["module"]),
-            "optimizer_states": [merge_optimizer_states(enc["optimizer"], dec["optimizer"])],
-            "lr_schedulers": [enc["scheduler"]] if enc["scheduler"] is not None else [],
-        }
+        return merge_state_dicts(enc["module"], dec["module"])
 
-    def load(self, state_dict: dict, optimizer_state: dict | None, scheduler_state: dict | None) -> None:
-        modules = split_state_dict(state_dict)
-        optims = split_optimizer_state(optimizer_state, self._n_params[ENCODER]) if optimizer_state else {ENCODER: None, DECODER: None}
-        futures = [
-            rref.rpc_async().load({"module": modules[part], "optimizer": optims[part], "scheduler": scheduler_state}) for part, rref in self.shards.items()
-        ]
-        for f in futures:
-            f.wait()
+    def load_state_dict(self, state: dict) -> None:
+        self._scatter({part: {"module": sd} for part, sd in split_state_dict(state).items()})
+
+    def optimizer_state(self) -> dict:
+        enc, dec = self._all("state")
+        return merge_optimizer_states(enc["optimizer"], dec["optimizer"])
+
+    def load_optimizer_state(self, state: dict) -> None:
+        self._scatter({part: {"optimizer": st} for part, st in split_optimizer_state(state, self._n_params[ENCODER]).items()})
 
     def memory_records(self) -> list[RankRecords]:
         enc, dec = self._all("memory_records")
@@ -243,11 +255,12 @@ class RPCRunner:
                 rpc.shutdown()
             heartbeat.stop()
             return None
-        from memtrain.distributed.master import train
+        from memtrain.distributed.sharded import ShardedRunner
 
         graceful = False
         try:
-            run_dir = train(cfg, plan, env, resume=resume, device=device, engine_factory=lambda memory: RPCEngine(cfg, plan, device, memory))
+            engine = RPCEngine(cfg, plan, device, rank_memory(device, cfg.memory.track))
+            run_dir = ShardedRunner(engine, device).run(cfg, plan, env, resume=resume)
             graceful = True
             return run_dir
         finally:

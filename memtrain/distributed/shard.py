@@ -20,9 +20,9 @@ class Shard:
 
     Every shard builds the whole model with the run's seed — exactly the initialisation a
     single process makes — applies the plan's single-process transforms (momentum, qat,
-    checkpoint, ...), keeps its part and drops the rest. Its optimizer and learning-rate
-    schedule are the single-process ones over its own parameters, so ``--scheduler``
-    works and their state goes into the checkpoint.
+    checkpoint, ...), keeps its part and drops the rest. Its optimizer is the single-process
+    one over its own parameters; the learning rate of every step comes from rank 0, where
+    Lightning runs the run's one schedule (:mod:`memtrain.distributed.sharded`).
     """
 
     def __init__(self, cfg: FitConfig, plan, part: str, device: torch.device, memory, strategy: str) -> None:
@@ -35,7 +35,7 @@ class Shard:
         if any(t.device != device for t in (*self.module.parameters(), *self.module.buffers())):
             self.module.to(device)  # (only when needed: fake-tensor estimates cannot swap their parameters)
         del model
-        self.optimizer, self.scheduler = build_optimizer(self.module.parameters(), cfg.train)
+        self.optimizer, _ = build_optimizer(self.module.parameters(), cfg.train)
 
     # -- contexts -------------------------------------------------------------------
     def work(self) -> contextlib.ExitStack:
@@ -62,16 +62,13 @@ class Shard:
         return stack
 
     # -- training -------------------------------------------------------------------
-    def optimizer_step(self) -> None:
+    def optimizer_step(self, lr: float | None = None) -> None:
+        """One Adam step (at ``lr`` when given: the schedule's rate rank 0 sends), then the gradients go."""
+        if lr is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-
-    def scheduler_step(self) -> None:
-        if self.scheduler is not None:
-            self.scheduler.step()
-
-    def lr(self) -> float:
-        return float(self.optimizer.param_groups[0]["lr"])
 
     def set_training(self, mode: bool) -> None:
         self.module.train(mode)
@@ -82,16 +79,15 @@ class Shard:
         return {
             "module": cpu,
             "optimizer": _to_cpu(self.optimizer.state_dict()),
-            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
             "n_params": sum(1 for _ in self.module.parameters()),
         }
 
     def load(self, state: dict[str, Any]) -> None:
-        self.module.load_state_dict(state["module"])
+        """Load ``state``'s ``module`` and/or ``optimizer`` (either may be None)."""
+        if state.get("module") is not None:
+            self.module.load_state_dict(state["module"])
         if state.get("optimizer") is not None:
             self.optimizer.load_state_dict(state["optimizer"])
-        if state.get("scheduler") is not None and self.scheduler is not None:
-            self.scheduler.load_state_dict(state["scheduler"])
 
     def n_params(self) -> int:
         return sum(1 for _ in self.module.parameters())

@@ -36,10 +36,7 @@ def format_metric(v: float | None) -> str:
 
 
 class MetricsFile:
-    """``metrics.csv``: one row per epoch in ``METRIC_COLUMNS``, rewritten atomically after each row.
-
-    Shared by single-process runs (:class:`MetricsCSV`) and the distributed master loop.
-    """
+    """``metrics.csv``: one row per epoch in ``METRIC_COLUMNS``, rewritten atomically after each row (:class:`MetricsCSV`)."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -14,6 +14,7 @@ import torch
 
 from memtrain.config import AUTO, FitConfig, dump_yaml, to_dict
 from memtrain.errors import CheckpointError, ConfigError, Interrupted, StrategyError
+from memtrain.loop.placement import LOCAL
 from memtrain.rundir import CONFIG_NAME, atomic_write_text, check_new_run_dir, check_writable, discard_failed_start, new_run_dir, remove_stale_temp_files
 
 CHECKPOINT_DIR = "checkpoints"
@@ -132,13 +133,18 @@ def open_run_dir(cfg: FitConfig, resume: Path | None) -> Path:
 
 
 class LightningRunner:
-    """The default runner: one process, Lightning's Trainer. Subclasses (data parallel) override the hooks below."""
+    """The one training loop: Lightning's Trainer over :class:`~memtrain.loop.module.EnhancementModule`.
+
+    The default runs one process. Subclasses override the hooks below: data parallel
+    (:class:`memtrain.distributed.ddp.DDPRunner`: launch and reductions) and rank 0 of the
+    model-parallel strategies (:class:`memtrain.distributed.sharded.ShardedRunner`: the
+    placement and the model), so every placement trains with this same loop.
+    """
 
     def run(self, cfg: FitConfig, plan, env, *, resume: Path | None) -> Path | None:
         import lightning as L
 
         from memtrain.data.module import RadiographDataModule
-        from memtrain.model import build_model
 
         ckpt_path, resumed = load_resume_checkpoint(resume) if resume is not None else (None, None)
         L.seed_everything(cfg.train.seed, workers=True, verbose=False)
@@ -146,9 +152,10 @@ class LightningRunner:
             cfg.data, batch_size=cfg.train.batch_size, pin_memory=env.device == "cuda", seed=cfg.train.seed, resumable=self.resumable_data
         )
         # Strategies that restructure or wrap the model check its structure here, before anything is written.
-        model = plan.apply(build_model(cfg.model))
+        model = self.build_model(cfg, plan)
         if resumed is not None:
             check_resume_architecture(resumed, model, ckpt_path)
+            self.announce(f"memtrain: resuming {ckpt_path} at step {int(resumed.get('global_step', 0))}")
             del resumed
 
         created = resume is None and not (cfg.run.out and Path(cfg.run.out).expanduser().exists())
@@ -168,12 +175,11 @@ class LightningRunner:
         from memtrain.loop.callbacks import LastCheckpoint, MetricsCSV, SampleImages
         from memtrain.loop.checkpoint_io import AtomicCheckpointIO
         from memtrain.loop.module import EnhancementModule
-        from memtrain.loop.precision import lightning_plugins
         from memtrain.memory.cuda import allocator_snapshot
         from memtrain.memory.tracker import MemoryTracker
 
         self.announce(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})")
-        module = EnhancementModule(model, plan, cfg.train, loss=cfg.loss, samples=cfg.run.samples, config=to_dict(cfg))
+        module = EnhancementModule(model, plan, cfg.train, loss=cfg.loss, samples=cfg.run.samples, config=to_dict(cfg), placement=self.placement)
 
         device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
         ckpt_dir = run_dir / CHECKPOINT_DIR
@@ -182,6 +188,7 @@ class LightningRunner:
             MetricsCSV(run_dir / "metrics.csv"),
             # "last": one file, overwritten at every epoch end (and every N steps), at the end and on SIGTERM.
             LastCheckpoint(ckpt_dir / LAST, every_n_steps=cfg.train.checkpoint_every_steps),
+            *self.placement.callbacks(),
         ]
         if cfg.run.samples > 0:
             callbacks.append(SampleImages(run_dir / "samples"))
@@ -189,7 +196,7 @@ class LightningRunner:
             callbacks.append(self.memory_callback(MemoryTracker(device), run_dir, cfg))
 
         trainer = L.Trainer(
-            plugins=[AtomicCheckpointIO(), *lightning_plugins(plan.precision())],
+            plugins=[AtomicCheckpointIO(), *self.placement.precision_plugins(plan.precision())],
             max_epochs=cfg.train.epochs,
             max_steps=cfg.train.max_steps,
             check_val_every_n_epoch=cfg.train.val_every,
@@ -220,6 +227,15 @@ class LightningRunner:
         return None
 
     # -- hooks ---------------------------------------------------------------------------
+    #: Where the step runs (memtrain.loop.placement): here, the whole model in this process.
+    placement = LOCAL
+
+    def build_model(self, cfg: FitConfig, plan):
+        """The model the run trains: the configured U-Net with the plan's transforms applied."""
+        from memtrain.model import build_model
+
+        return plan.apply(build_model(cfg.model))
+
     #: Single-process runs use memtrain's resumable training loader (same order after a resume, mid-epoch too);
     #: data-parallel runs keep a plain loader, to which Lightning gives a distributed sampler.
     resumable_data = True

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from memtrain.config import TrainConfig
-from memtrain.loop.optim import build_optimizer
+from memtrain.loop.placement import LOCAL, LocalPlacement
 from memtrain.loss import DEFAULT_LOSS, build_loss, image_metrics
 from memtrain.strategies import Plan
 
@@ -32,10 +32,12 @@ class EnhancementModule(L.LightningModule):
         loss: str = DEFAULT_LOSS,
         samples: int = 0,
         config: dict[str, Any] | None = None,
+        placement: LocalPlacement = LOCAL,
     ) -> None:
         super().__init__()
         self.model = model
         self.plan = plan
+        self.placement = placement
         self.train_cfg = train_cfg
         self.loss_fn = plan.wrap_loss(build_loss(loss))
         self.n_samples = samples
@@ -47,11 +49,13 @@ class EnhancementModule(L.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        with self.plan.forward_context():
-            out = self.model(x)
-        loss = self.loss_fn(out, y)
+        loss = self.placement.forward_loss(self.model, self.loss_fn, x, y, self.plan.forward_context)
         self.log("train_loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=x.shape[0], sync_dist=True)
         return loss
+
+    def backward(self, loss: torch.Tensor, *args, **kwargs) -> None:
+        # Lightning's hook for the backward of training_step's loss (after the precision plugin scaled it).
+        self.placement.backward(loss, *args, **kwargs)
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -83,7 +87,7 @@ class EnhancementModule(L.LightningModule):
         self.sample_batch = new if self.sample_batch is None else tuple(torch.cat([a, b]) for a, b in zip(self.sample_batch, new))
 
     def configure_optimizers(self):
-        optimizer, scheduler = build_optimizer(self.model.parameters(), self.train_cfg)
+        optimizer, scheduler = self.placement.optimizers(self.model, self.train_cfg)
         if scheduler is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

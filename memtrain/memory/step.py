@@ -3,8 +3,10 @@
 It does what :class:`memtrain.loop.module.EnhancementModule` under Lightning's
 automatic optimization does, in the same order, so its memory is the fit's memory:
 
-* ``forward``: the model under the plan's forward context and the precision plugin's
-  autocast, then the loss (``loss``, a name of :data:`memtrain.loss.LOSSES`; 1 − MS-SSIM in float32); then ``zero_grad(set_to_none=True)`` — Lightning
+* ``forward``: under the precision plugin's autocast, the model under the plan's forward
+  context, then the loss (``loss``, a name of :data:`memtrain.loss.LOSSES`; 1 − MS-SSIM in
+  float32) — :meth:`memtrain.loop.placement.LocalPlacement.forward_loss`, the fit's own code;
+  then ``zero_grad(set_to_none=True)`` — Lightning
   zeroes gradients *after* the training step and before backward, so the previous
   step's gradients are still alive during the forward;
 * ``backward``: ``loss.backward()`` (scaled by the GradScaler for fp16);
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from memtrain.config import ModelConfig
+from memtrain.loop.placement import LOCAL
 
 
 class TrainStep:
@@ -56,13 +59,11 @@ class TrainStep:
         model, optimizer = self.model, self.optimizer
         with tracker.step(model, optimizer, (x, y), step=step):
             with tracker.phase("forward"):
-                with self.autocast(), self.plan.forward_context():
-                    out = model(x)
-                loss = self.loss_fn(out, y)
-                del out
+                with self.autocast():
+                    loss = LOCAL.forward_loss(model, self.loss_fn, x, y, self.plan.forward_context)
                 optimizer.zero_grad(set_to_none=True)
             with tracker.phase("backward"):
-                (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
+                LOCAL.backward(self.scaler.scale(loss) if self.scaler is not None else loss)
             with tracker.phase("optimizer"):
                 if self.scaler is not None:
                     self.scaler.step(optimizer)
