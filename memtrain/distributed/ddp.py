@@ -17,7 +17,10 @@ a shared filesystem (or copied to every node).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+
+import torch.distributed
 
 from memtrain.config import FitConfig, to_dict
 from memtrain.distributed.heartbeat import Heartbeat
@@ -95,6 +98,10 @@ class DDPRunner(LightningRunner):
         finally:
             if ok:
                 heartbeat.finish()
+                # Tear the process group down before the interpreter does: gloo's threads destroyed at exit abort the
+                # process now and then ("terminate called without an active exception").
+                with contextlib.suppress(Exception):
+                    torch.distributed.destroy_process_group()
             else:
                 heartbeat.stop()
 

@@ -67,8 +67,10 @@ class RemoteShard:
         self.device = device
 
     def _inputs(self, inputs) -> tuple[torch.Tensor, ...]:
+        from torch.distributed.rpc import PyRRef  # (RRef's base: what a reference passed over RPC arrives as)
+
         # The encoder gets the batch, the decoder a reference to the encoder's features.
-        value = inputs.to_here() if hasattr(inputs, "to_here") else inputs
+        value = inputs.to_here() if isinstance(inputs, PyRRef) else inputs
         tensors = tuple(value) if isinstance(value, (tuple, list)) else (value,)
         tensors = tuple(t.to(self.device) for t in tensors)
         self.memory.track(*tensors)
