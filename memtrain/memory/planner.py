@@ -154,9 +154,11 @@ def estimate_memory(combo: str, *, size: int, batch_size: int, encoder: str, los
 
     Both are cached on disk; the size model is used when every strategy declares
     ``size_polynomial``, the size is on the model's range (≥ its smallest traced size) and the
-    model was verified; otherwise :func:`measure_step` runs at ``size``.
+    model was verified. A combination with a strategy whose step changes with the size uses its
+    large-size model (:mod:`memtrain.memory.large_sizes`: exact, or within 1 %; from 1024 px on)
+    when one is cached or shipped. Otherwise :func:`measure_step` runs at ``size``.
     """
-    from memtrain.memory import scaling
+    from memtrain.memory import large_sizes, scaling
     from memtrain.strategies import Plan
 
     plan = Plan.resolve(combo, env)
@@ -165,6 +167,15 @@ def estimate_memory(combo: str, *, size: int, batch_size: int, encoder: str, los
     if extrapolate:
         if not all(type(s).size_polynomial for s in plan.strategies):
             why = "its events depend on the size"
+            found = large_sizes.find(key) if large_sizes.covers(size, plan) else None
+            if found is not None and isinstance(found[0], str):
+                why += f"; {found[0]}"
+            elif found is not None and large_sizes.covers(size, plan, found[0]):
+                model, source = found
+                how = "size model" if isinstance(model, scaling.SizeModel) else f"approximate size model (≤ {model.bound:.0%})"
+                return model.at(size, strategies=plan.label, batch_size=batch_size, device=env.device), f"{how} from {model.sizes[0]} px ({source})"
+            elif found is not None:
+                why += f"; its size model starts at {found[0].sizes[0]} px"
         elif size < scaling.SIZES[0]:
             why = f"below {scaling.SIZES[0]} px"
         else:
