@@ -34,8 +34,12 @@ def test_approximate_model_is_the_quadratic_through_its_fit_sizes_and_measures_i
     off.phases["backward"]["tensor_peak"] = round(off.phases["backward"]["tensor_peak"] * 1.01)  # the direct estimate 1 % above
     assert model.miss(off) == pytest.approx(0.01 / 1.01, rel=1e-3) and model.miss(off) > large_sizes.CHECK
     data = large_sizes.entry(model)
-    assert large_sizes.from_entry(data) == model and data["range"] == large_sizes.RANGE
-    assert large_sizes.from_entry(data | {"range": {"tiers": [[[192, 224, 256], 320]]}}) is None  # made with other fit sizes: ignored
+    assert large_sizes.from_entry(data) == model and data["range"] == {"tiers": [[list(fit), verify]], "check": large_sizes.CHECK}
+    assert large_sizes.from_entry(data | {"range": {"tiers": [[[192, 224, 256], 320]], "check": large_sizes.CHECK}}) is None  # another tier: ignored
+    assert large_sizes.from_entry(data | {"range": {"tiers": [[list(fit), verify]], "check": 0.01}}) is None  # another check: ignored
+    refused = large_sizes.entry("why")
+    assert large_sizes.from_entry(refused) == "why"
+    assert large_sizes.from_entry(refused | {"range": large_sizes._range(large_sizes.TIERS[:1])}) is None  # refused by fewer tiers: retrace
 
 
 def test_trace_refuses_a_model_that_misses_its_verify_size(monkeypatch):

@@ -24,15 +24,17 @@ returns, in order of preference, for the first tier that gives one:
    which ``benchmarks/large_sizes.py`` measures up to 8192²;
 3. otherwise the reason (str): the planner estimates directly at the size.
 
-The second tier exists because a phase's peak can move from one event to another inside the
-first tier's range (``quant`` with ``checkpoint``: the backward peak); from 2048 px on the
-largest event leads. A model is used only from its first fit size on, at sizes on its grid
-(:func:`grid`: multiples of the 32-px stride, of the 256-px tile for ``tile``); below, or
-off the grid, the planner measures at the size. The planner never traces these models itself
-(that takes longer than one direct estimate): ``python -m memtrain.memory.shipped`` makes
-them for the default combinations, and the planner looks them up in the disk cache, then in
-the shipped file, under :func:`name` (the small-size key with a suffix), stored with
-:data:`RANGE` — an entry made with other tiers or checks is ignored.
+Later tiers exist because a phase's peak can move from one event to another inside an
+earlier tier's range (``quant`` with ``checkpoint`` or ``tile``: the backward peak moves from
+the end of backward, where the gradients are, to its middle, where the activations are); the
+last tier is verified at 8192 px itself. A model is used only from its first fit size on, at
+sizes on its grid (:func:`grid`: multiples of the 32-px stride, of the 256-px tile for
+``tile``); below, or off the grid, the planner measures at the size. The planner never traces
+these models itself (that takes longer than one direct estimate): ``python -m
+memtrain.memory.shipped`` makes them for the default combinations, and the planner looks them
+up in the disk cache, then in the shipped file, under :func:`name` (the small-size key with a
+suffix). An entry records its tier and check, a refusal every tier tried: a model of a tier
+no longer in :data:`TIERS`, or a refusal by other tiers, is ignored (traced again).
 """
 
 from __future__ import annotations
@@ -42,11 +44,17 @@ from dataclasses import dataclass
 from memtrain.memory.scaling import CATEGORY_KEYS, FORMAT, SizeModel, _quadratic, read_entry
 from memtrain.memory.tracker import PHASES
 
-TIERS = (((1024, 1536, 2048), 3072), ((2048, 3072, 4096), 6144))  # (fit sizes, verify size), tried in turn
+TIERS = (((1024, 1536, 2048), 3072), ((2048, 3072, 4096), 6144), ((3072, 4096, 6144), 8192))  # (fit sizes, verify size), tried in turn
 FIT_SIZES = TIERS[0][0]  # the smallest size a model may start at
 CHECK = 0.002  # an approximate model's largest miss at its tier's verify size, relative to the phase's peak
 ERROR_BOUND = 0.01  # what an approximate model claims from its first fit size up to 8192 px (measured: benchmarks/results/large_sizes.md)
-RANGE = {"tiers": [[list(fit), verify] for fit, verify in TIERS], "check": CHECK}
+
+
+def _range(tiers) -> dict:
+    return {"tiers": [[list(fit), verify] for fit, verify in tiers], "check": CHECK}
+
+
+RANGE = _range(TIERS)  # what a refusal was made for; a model records its own tier
 METRICS = ("tensor_peak", "tensor_increase", *CATEGORY_KEYS)
 TILE_GRID = 256  # tile's auto side from 512 px on
 
@@ -119,22 +127,29 @@ Model = SizeModel | PeakModel
 
 
 def entry(model: Model | str) -> dict:
-    """The JSON stored for ``model`` (or for the reason there is none), with the :data:`RANGE` it was made for."""
-    data = {"format": FORMAT, "direct": model} if isinstance(model, str) else model.to_json()
-    return data | {"range": RANGE}
+    """The JSON stored for ``model`` with its tier and check, or for the reason there is none with every tier tried (:data:`TIERS`)."""
+    if isinstance(model, str):
+        return {"format": FORMAT, "direct": model, "range": _range(TIERS)}
+    tier = next((fit, verify) for fit, verify in TIERS if fit == model.sizes)
+    return model.to_json() | {"range": _range([tier])}
 
 
 def from_entry(data: dict) -> Model | str | None:
-    """The model (or the reason there is none) an entry holds; None when it was made for another :data:`RANGE` or is unreadable."""
-    if data.get("range") != RANGE:
+    """The model (or the reason there is none) an entry holds; None when unreadable or made for other tiers or checks.
+
+    A model stays valid while its tier is one of :data:`TIERS` (with the same check); a refusal
+    only while it was refused by exactly :data:`TIERS` (a tier added since may give a model).
+    """
+    r = data.get("range")
+    if not isinstance(r, dict) or r.get("check") != CHECK:
         return None
     try:
         if "direct" in data:
-            return str(data["direct"])
-        if "approximate" in data:
-            return PeakModel.from_json(data)
-        model = SizeModel.from_json(data)
-        return model if any(model.sizes == fit for fit, _ in TIERS) else None
+            return str(data["direct"]) if r == _range(TIERS) else None
+        if len(r["tiers"]) != 1 or r["tiers"][0] not in _range(TIERS)["tiers"]:
+            return None
+        model = PeakModel.from_json(data) if "approximate" in data else SizeModel.from_json(data)
+        return model if list(model.sizes) == r["tiers"][0][0] else None
     except (KeyError, TypeError, ValueError):
         return None
 

@@ -12,10 +12,11 @@ are estimated with fake tensors — nothing is allocated — by :func:`estimate_
 the combination's *size model* (:mod:`memtrain.memory.scaling`: exact per-event quadratics
 in the image side, traced once at three small sizes and verified at a fourth, cached on
 disk, so any size up to 8192² and beyond costs nothing more; the default combinations'
-models for the default target ship with memtrain, :mod:`memtrain.memory.shipped`), or, for strategies whose
-step changes with the size (``size_polynomial = False``) and sizes below the traced
-ones, by :func:`memtrain.memory.estimate.measure_step` at the size (~2 s on a CPU whatever
-the size; also cached). A line per estimate goes to ``progress``.
+models for the default target ship with memtrain, :mod:`memtrain.memory.shipped`); for strategies whose
+step changes with the size (``size_polynomial = False``), from 1024 px on, from the
+combination's large-size model when one is cached or shipped (:mod:`memtrain.memory.large_sizes`:
+exact, or each phase's peak within 1 %); otherwise by :func:`memtrain.memory.estimate.measure_step`
+at the size (3–50 s on a CPU; also cached). A line per estimate goes to ``progress``.
 
 Strategies that change no memory at all (e.g. ``tf32``) are detected by measurement:
 a strategy whose own estimate equals ``none``'s in every phase is *memory-neutral*,

@@ -22,7 +22,8 @@ several hundred per phase — so :meth:`SizeModel.phase_at` gives the same answe
 integer size ≥ ``SIZES[0]`` from a few hundred bytes of JSON.
 
 A strategy whose event sequence depends on the size (``Strategy.size_polynomial = False``)
-is never extrapolated.
+is never extrapolated from these sizes; from 1024 px on, :mod:`memtrain.memory.large_sizes`
+fits such combinations at larger sizes (exact, or within a stated bound, or refused).
 
 Models are cached as JSON under ``$MEMTRAIN_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/memtrain`` or ``~/.cache/memtrain``), keyed by the torch, smp and memtrain
