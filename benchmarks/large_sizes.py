@@ -37,6 +37,11 @@ def _err(model_memory, direct, phase: str, metric: str = "tensor_peak") -> float
     return abs(model_memory.phases[phase][metric] - direct.phases[phase][metric]) / direct.phases[phase]["tensor_peak"]
 
 
+def _pct(x: float) -> str:
+    """A relative error in percent, three significant digits; 0 exactly when exact."""
+    return f"{x * 100:.3g} %"
+
+
 def write(rows: list[dict], out: Path, header: str, command: str) -> None:
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, lineterminator="\n", extrasaction="ignore")
@@ -66,7 +71,7 @@ def write(rows: list[dict], out: Path, header: str, command: str) -> None:
         "",
         "| kind | " + " | ".join(str(s) for s in sizes) + " |",
         "|---|" + "---:|" * len(sizes),
-        *(f"| {k} | " + " | ".join(f"{w[s]:.4%}" if s in w else "" for s in sizes) + " |" for k, w in sorted(worst.items())),
+        *(f"| {k} | " + " | ".join(_pct(w[s]) if s in w else "" for s in sizes) + " |" for k, w in sorted(worst.items())),
         "",
         "| combination | kind | fit sizes | size | forward | backward | optimizer | peak err | any metric | direct s |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -122,10 +127,10 @@ def main(argv: list[str] | None = None) -> int:
                 row["direct_s"] = f"{time.perf_counter() - start:.1f}"
                 got = model.at(size, strategies=direct.strategies, batch_size=1, device=env.device)
                 errs = {ph: _err(got, direct, ph) for ph in PHASES}
-                row.update({f"{ph}_err": f"{e:.4%}" for ph, e in errs.items()})
+                row.update({f"{ph}_err": _pct(e) for ph, e in errs.items()})
                 row["peak"] = max(errs.values())
-                row["peak_err"] = f"{row['peak']:.4%}"
-                row["any_metric_err"] = f"{max(_err(got, direct, ph, m) for ph in PHASES for m in large_sizes.METRICS):.4%}"
+                row["peak_err"] = _pct(row["peak"])
+                row["any_metric_err"] = _pct(max(_err(got, direct, ph, m) for ph in PHASES for m in large_sizes.METRICS))
             rows.append(row)
             print(row, flush=True)
             write(rows, out, header, command)
