@@ -90,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--combos", default="", help="';'-separated combinations [default: shipped.large_combinations, the planner's order]")
     p.add_argument("--limit", type=int, default=0, help="only the first N combinations (0: all)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--append", action="store_true", help="keep the rows of the CSV already in --out and add these")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     warnings.simplefilter("ignore")
@@ -110,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     header = versions() + f"; target {env.device} (native bf16 {env.native_bf16}), batch 1, U-Net ResNet34, MS-SSIM; load average at start {load:.1f}."
     rows: list[dict] = []
+    if args.append and (out / "large_sizes.csv").exists():
+        rows = list(csv.DictReader(io.StringIO((out / "large_sizes.csv").read_text())))
+        for r in rows:
+            if r["peak_err"]:
+                r["peak"] = float(r["peak_err"].split()[0]) / 100
+        command = f"{command} (appended to an earlier run)"
     for combo in combos:
         plan = Plan.resolve(combo, env)
         found = large_sizes.find(scaling.cache_key(combo, batch_size=1, encoder="resnet34", env=env))

@@ -88,3 +88,19 @@ def test_shipped_large_size_model_agrees_with_measure_step(tmp_path, monkeypatch
         assert how.startswith("approximate size model (≤ 1%)")
         for p in PHASES:
             assert abs(memory.phases[p]["tensor_peak"] - direct.phases[p]["tensor_peak"]) <= model.bound * direct.phases[p]["tensor_peak"], p
+
+
+def test_a_model_of_a_later_tier_holds_from_its_first_fit_size_only(tmp_path, monkeypatch):
+    # quant with checkpoint: the backward peak moves between events below 2048 px, so its shipped model is of the second
+    # tier (fit at 2048/3072/4096). From 2048 px on it is used and agrees with measure_step; below, the size is measured.
+    monkeypatch.setenv("MEMTRAIN_CACHE_DIR", str(tmp_path))
+    combo, env = "quant,checkpoint:full,amp", default_target()
+    model, _ = _shipped_large(combo)
+    assert model.sizes == large_sizes.TIERS[1][0], model.sizes
+    memory, how = estimate_memory(combo, size=2304, batch_size=1, encoder="resnet34", env=env)
+    assert how.endswith("from 2048 px (shipped)")
+    direct = measure_step(combo, size=2304, env=env, blocks=False)
+    for p in PHASES:
+        assert abs(memory.phases[p]["tensor_peak"] - direct.phases[p]["tensor_peak"]) <= model.bound * direct.phases[p]["tensor_peak"], p
+    _, how = estimate_memory(combo, size=1024, batch_size=1, encoder="resnet34", env=env)
+    assert how == "measured at the size (its events depend on the size; its size model starts at 2048 px)"
