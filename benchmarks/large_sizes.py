@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.append and (out / "large_sizes.csv").exists():
         rows = list(csv.DictReader(io.StringIO((out / "large_sizes.csv").read_text())))
         for r in rows:
+            r["size"] = int(r["size"]) if r["size"] else ""
             if r["peak_err"]:
                 r["peak"] = float(r["peak_err"].split()[0]) / 100
         command = f"{command} (appended to an earlier run)"
