@@ -8,11 +8,10 @@ DICOM specifics: the modality LUT (Rescale Slope/Intercept) is applied; MONOCHRO
 images (where high values are dark) are inverted so bone is always bright;
 compressed transfer syntaxes decode when pydicom's optional decoders are installed
 (``pip install 'memtrain[dicom]'``), otherwise the error says which are missing.
-
-Lazy imports (optional dependency): tifffile, PIL and pydicom load in the function that reads that format;
-a run on phantoms or PNGs loads none of the others.
 """
 
+# Lazy imports (optional dependency): tifffile, PIL and pydicom load in the function that reads that format;
+# a run on phantoms or PNGs loads none of the others.
 from __future__ import annotations
 
 from dataclasses import dataclass

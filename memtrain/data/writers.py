@@ -41,11 +41,10 @@ at quality 95 (lossy, as the input was).
 
 Nothing here logs or names files after DICOM attributes; output names come from input
 file names only.
-
-Lazy imports (optional dependency): tifffile, PIL and pydicom load in the function that writes that format;
-a run on phantoms or PNGs loads none of the others.
 """
 
+# Lazy imports (optional dependency): tifffile, PIL and pydicom load in the function that writes that format;
+# a run on phantoms or PNGs loads none of the others.
 from __future__ import annotations
 
 import contextlib
