@@ -173,7 +173,7 @@ def plot_png(sweep, rows: list[dict], device: dict) -> bytes:
     import matplotlib  # lazy (startup): matplotlib loads only when the plot is drawn
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # after choosing the Agg backend above
+    from matplotlib.figure import Figure  # lazy (startup) too, after choosing the Agg backend above
 
     sizes = sweep.sizes
     combos = sweep.combos

@@ -229,7 +229,7 @@ def render_samples(inputs, targets, outputs, title: str = "") -> bytes:
     import matplotlib  # lazy (startup): matplotlib loads when samples are drawn, not for every run
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure  # after choosing the Agg backend above
+    from matplotlib.figure import Figure  # lazy (startup) too, after choosing the Agg backend above
 
     n = inputs.shape[0]
     fig = Figure(figsize=(9, 3 * n), dpi=100)
