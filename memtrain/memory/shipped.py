@@ -22,11 +22,17 @@ import argparse
 import functools
 import gzip
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from memtrain.rundir import atomic_write_bytes
+from memtrain.strategies import Plan
 
 PATH = Path(__file__).with_name("shipped_models.json.gz")
 BATCH_SIZES = (1, 2)
@@ -53,8 +59,6 @@ def lookup(name: str) -> dict | None:
 
 def write(entries: dict[str, dict], about: dict, path: Path = PATH) -> int:
     """Write ``entries`` (cache name → JSON) with a description ``about`` to ``path`` atomically; its size in bytes."""
-    from memtrain.rundir import atomic_write_bytes
-
     text = json.dumps({"about": about, "entries": entries}, sort_keys=True, separators=(",", ":"))
     data = gzip.compress(text.encode(), compresslevel=9, mtime=0)
     atomic_write_bytes(path, data)
@@ -63,8 +67,7 @@ def write(entries: dict[str, dict], about: dict, path: Path = PATH) -> int:
 
 def default_combinations(env) -> list[str]:
     """The combinations `memtrain plan` estimates through size models by default on ``env``: planned, not rejected, every strategy ``size_polynomial``."""
-    from memtrain.memory.planner import Planner
-    from memtrain.strategies import Plan
+    from memtrain.memory.planner import Planner  # (cycle: planner -> scaling -> shipped -> planner)
 
     out = []
     for c in Planner(size=SIZE_FOR_CANDIDATES, env=env).candidates():
@@ -75,8 +78,7 @@ def default_combinations(env) -> list[str]:
 
 def _size_model_entry(args: tuple) -> tuple[str, str, int, dict, float]:
     """Worker: (cache key, combination, batch size, the JSON the cache holds, seconds)."""
-    import warnings
-
+    # (cycle: planner -> scaling -> shipped -> planner)
     from memtrain.memory import scaling
     from memtrain.memory.planner import default_target
 
@@ -114,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MEMTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="memtrain-ship-")  # workers inherit it
     os.environ.setdefault("OMP_NUM_THREADS", "1" if args.jobs > 1 else "2")
 
+    # (cycle: planner -> scaling -> shipped -> planner)
     from memtrain.memory import scaling
     from memtrain.memory.planner import default_target
 
@@ -129,9 +132,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{len(entries)}/{len(work)}] {combo} batch {batch_size}: {what}, {seconds:.1f} s", file=sys.stderr, flush=True)
 
     if args.jobs > 1:
-        import multiprocessing
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
             for result in pool.map(_size_model_entry, work):
                 done(result)
