@@ -199,7 +199,7 @@ class FitConfig:
             raise ConfigError("--strategies: expected at least one strategy name (use 'none' for the plain model)")
         one_plan_only(self.strategies)
         if self.memory.budget is not None:
-            from memtrain.memory.units import parse_bytes
+            from memtrain.memory.units import parse_bytes  # lazy (startup): memtrain.memory loads torch; --help must not
 
             parse_bytes(self.memory.budget, "--memory-budget")
         if AUTO in self.strategies:

@@ -41,6 +41,7 @@ method, is a clear error.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 import json
 import math
@@ -52,8 +53,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.ao.quantization import FakeQuantizeBase
+from torch.export import Dim
 
+from memtrain import __version__
 from memtrain.config import EXPORT_ATOL, EXPORT_FORMATS, EXPORT_SIZE, SIZE_MULTIPLE, check_size
+from memtrain.data.phantom import phantom_radiograph
 from memtrain.errors import ConfigError, MemtrainError, StrategyError
 from memtrain.inference import Trained, load_trained
 from memtrain.rundir import atomic_write_bytes, atomic_write_text, check_writable
@@ -121,8 +126,6 @@ def parse_hw(text: str, flag: str) -> tuple[int, int]:
 
 def verification_batch(h: int, w: int, n: int = 2) -> torch.Tensor:
     """``n`` phantom radiographs cropped to h×w, as the model sees images: (n, 1, h, w) in [0, 1]."""
-    from memtrain.data.phantom import phantom_radiograph
-
     side = max(h, w)
     imgs = [phantom_radiograph(1234, i, side)[:h, :w] for i in range(n)]
     return torch.from_numpy(np.stack(imgs).astype(np.float32))[:, None]
@@ -136,9 +139,7 @@ def to_bytes(model: torch.nn.Module, fmt: str, example: torch.Tensor) -> bytes:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # exporter chatter (deprecations, graph-break notes); the result is verified below
         if fmt == "onnx":
-            from torch.export import Dim
-
-            try:
+            try:  # lazy (optional dependency): the `export` extra
                 import onnx  # noqa: F401
                 import onnxscript  # noqa: F401
             except ImportError as e:
@@ -170,8 +171,6 @@ def to_bytes(model: torch.nn.Module, fmt: str, example: torch.Tensor) -> bytes:
 
 
 def _forward_arg_names(model: torch.nn.Module) -> list[str]:
-    import inspect
-
     return [p for p in inspect.signature(model.forward).parameters if p != "self"]
 
 
@@ -181,7 +180,7 @@ class Runner:
     def __init__(self, data: bytes, fmt: str) -> None:
         self.fmt = fmt
         if fmt == "onnx":
-            try:
+            try:  # lazy (optional dependency): the `export` extra
                 import onnxruntime as ort
             except ImportError:
                 raise MemtrainError("--format onnx: onnxruntime is needed to verify the export: pip install 'memtrain[export]'") from None
@@ -308,8 +307,6 @@ def _targets(fmt: str, out_dir: Path, triton_dir: Path | None, int8: bool) -> li
 
 
 def _fake_quantized(model: torch.nn.Module) -> bool:
-    from torch.ao.quantization import FakeQuantizeBase
-
     return any(isinstance(m, FakeQuantizeBase) for m in model.modules())
 
 
@@ -370,12 +367,10 @@ def triton_config(fmt: str, name: str, max_batch_size: int, trained: Trained, *,
 
 
 def _metadata(result: Exported, trained: Trained) -> dict[str, Any]:
-    from memtrain import __version__
-
     inp, out = TENSOR_NAMES[result.format]
     versions = {"memtrain": __version__, "torch": torch.__version__}
     if result.format == "onnx":
-        import onnx
+        import onnx  # lazy (optional dependency): the `export` extra
         import onnxruntime
 
         versions.update(onnx=onnx.__version__, onnxruntime=onnxruntime.__version__, opset=OPSET)

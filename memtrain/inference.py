@@ -73,6 +73,7 @@ import contextlib
 import dataclasses
 import itertools
 import math
+import os
 import pickle
 import re
 import zipfile
@@ -83,11 +84,18 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.ao.quantization import FakeQuantizeBase, disable_observer
+from torch.ao.quantization.observer import ObserverBase
 
 from memtrain.config import SIZE_MULTIPLE, FitConfig, from_dict
 from memtrain.errors import CheckpointError, ConfigError, MemtrainError, StrategyError
-from memtrain.model import state_dict_mismatch
+from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
+from memtrain.model import build_model, state_dict_mismatch
 from memtrain.strategies.base import Environment, Stage, Strategy
+from memtrain.strategies.registry import available, create
+from memtrain.strategies.tf32 import fp32_precision
+from memtrain.strategies.tile import make_tiles, tiled, unsupported
 
 SECTION = "memtrain"
 STATE_PREFIX = "model."
@@ -169,8 +177,6 @@ def checkpoint_config(ckpt: dict[str, Any], path: Path) -> FitConfig:
 
 def checkpoint_strategies(ckpt: dict[str, Any], path: Path, env: Environment) -> list[Strategy]:
     """The strategies recorded in the checkpoint, instantiated through the registry, bound, in stage order."""
-    from memtrain.strategies.registry import available, create
-
     specs = ckpt[SECTION].get("strategies") or ckpt[SECTION]["config"].get("strategies") or ["none"]
     found: list[Strategy] = []
     for spec in specs:
@@ -189,8 +195,6 @@ def checkpoint_strategies(ckpt: dict[str, Any], path: Path, env: Environment) ->
 
 def load_trained(path: str | Path, *, device: str | torch.device = "cpu") -> Trained:
     """Rebuild the trained network of a ``memtrain fit`` checkpoint as one plain module in eval mode."""
-    from memtrain.model import build_model
-
     path = Path(path).expanduser()
     ckpt = read_checkpoint(path)
     cfg = checkpoint_config(ckpt, path)
@@ -233,8 +237,6 @@ def freeze_observers(model: nn.Module) -> nn.Module:
     image would enhance differently depending on what ran before. The trained ranges are
     kept, and fake quantization stays on (it is what the int8 model computes).
     """
-    from torch.ao.quantization import disable_observer
-
     return model.apply(disable_observer)
 
 
@@ -246,9 +248,6 @@ def _self_resizing_prefixes(model: nn.Module) -> tuple[str, ...]:
     first training forward; their ``_load_from_state_dict`` resizes them to the saved
     shapes (a ``quant:qat`` checkpoint), so a shape difference there is not a mismatch.
     """
-    from torch.ao.quantization import FakeQuantizeBase
-    from torch.ao.quantization.observer import ObserverBase
-
     return tuple(f"{name}." for name, mod in model.named_modules() if name and isinstance(mod, (FakeQuantizeBase, ObserverBase)))
 
 
@@ -267,7 +266,6 @@ def available_memory(device: torch.device) -> int:
                     return int(line.split()[1]) * 1024 // 2
     except OSError:
         pass
-    import os
 
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
 
@@ -368,9 +366,6 @@ class Enhancer:
     """
 
     def __init__(self, model: nn.Module, *, device: str | torch.device = "cpu", amp: bool = False, max_memory: int | None = None, tiling: str = "auto") -> None:
-        from memtrain.strategies.registry import create
-        from memtrain.strategies.tile import unsupported
-
         if tiling not in TILINGS:
             raise ConfigError(f"--tiling {tiling}: expected one of {', '.join(TILINGS)}")
         self.device = torch.device(device)
@@ -392,8 +387,6 @@ class Enhancer:
     # -- contexts ------------------------------------------------------------------------
     def session(self) -> contextlib.AbstractContextManager:
         """Process-wide settings for inference (IEEE float32; the CPU 16-bit conv router under amp)."""
-        from memtrain.strategies.tf32 import fp32_precision
-
         stack = contextlib.ExitStack()
         stack.enter_context(fp32_precision("ieee"))
         if self.amp is not None:
@@ -427,10 +420,6 @@ class Enhancer:
         return self._bpp
 
     def _probe(self, *, autocast: bool) -> float:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
-
         counter = LiveTensorBytes()
         with FakeTensorMode(allow_non_fake_inputs=True):
             x = torch.empty(1, 1, PROBE, PROBE, device=self.device)
@@ -458,11 +447,6 @@ class Enhancer:
         return self._tiled_need[key]
 
     def _probe_tiled(self, h: int, w: int, side: int, *, autocast: bool) -> int:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-
-        from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
-        from memtrain.strategies.tile import tiled
-
         counter = LiveTensorBytes()
         with FakeTensorMode(allow_non_fake_inputs=True), tiled(self.model, side):
             x = torch.empty(1, 1, h, w, device=self.device)
@@ -475,8 +459,6 @@ class Enhancer:
     def halo(self) -> int:
         """Full-resolution halo of exact tiles (the receptive radius of the tiled regions, rounded up to 32 px)."""
         if self._halo is None:
-            from memtrain.strategies.tile import tiled
-
             with tiled(self.model, None) as t:
                 self._halo = t.halo
         return self._halo
@@ -529,8 +511,6 @@ class Enhancer:
             raise ConfigError(f"--tile {tile}: expected a multiple of {SIZE_MULTIPLE} (the U-Net downsamples 5 times); e.g. {lower}")
 
     def _exact(self, h: int, w: int, tile: int, reason: str) -> Tiling:
-        from memtrain.strategies.tile import make_tiles
-
         self._check_tile(tile)
         halo = self.halo()
         n = len(make_tiles(h, w, tile, halo))
@@ -570,8 +550,6 @@ class Enhancer:
 
     def exact_tiled(self, x: torch.Tensor, tile: int) -> torch.Tensor:
         """The model on a (N, 1, H, W) batch in exact ``tile``² tiles: whole-image inference, summed in another order."""
-        from memtrain.strategies.tile import tiled
-
         with tiled(self.model, tile):
             return self.forward(x)
 

@@ -48,6 +48,8 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from pytorch_msssim import ms_ssim as reference_ms_ssim
+from pytorch_msssim import ssim
 from torch import nn
 
 from memtrain.errors import ConfigError
@@ -293,8 +295,6 @@ class ReferenceMSSSIMLoss(nn.Module):
         self.data_range = data_range
 
     def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        from pytorch_msssim import ms_ssim as reference_ms_ssim
-
         with torch.autocast(device_type=pred.device.type, enabled=False):
             win = window_for(min(pred.shape[-2:]))
             return 1.0 - reference_ms_ssim(pred.float(), target.float(), data_range=self.data_range, win_size=win)
@@ -324,8 +324,6 @@ def image_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.T
 
     MS-SSIM is memtrain's (equal to pytorch-msssim's wherever every scale's term is ≥ 1e-6); SSIM is pytorch-msssim's.
     """
-    from pytorch_msssim import ssim
-
     with torch.autocast(device_type=pred.device.type, enabled=False):
         pred, target = pred.float(), target.float()
         win = window_for(min(pred.shape[-2:]))

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import segmentation_models_pytorch as smp
 import torch
 from torch import nn
 
@@ -29,8 +30,6 @@ from memtrain.errors import CheckpointError, ConfigError
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    import segmentation_models_pytorch as smp
-
     names = smp.encoders.get_encoder_names()
     if cfg.encoder not in names:
         resnets = ", ".join(n for n in names if n.startswith("resnet"))

@@ -22,6 +22,8 @@ import argparse
 import warnings
 from collections.abc import Callable, Iterable
 
+from memtrain.errors import ConfigError, MemtrainError
+
 # Images per step in every subcommand that takes --batch-size (fit, plan, compare, calibrate). One image is
 # what high-resolution training runs (the paper's 1024² and 2048² presets) and what every measured figure uses.
 # The import of this module stays cheap (no torch): the command line is built from it.
@@ -109,8 +111,7 @@ def parse_plans(values: str | Iterable[str] | None, flag: str = "--strategies") 
         return None
     texts = [values] if isinstance(values, str) else list(values)
     given = "; ".join(texts)
-    from memtrain.errors import ConfigError, MemtrainError
-    from memtrain.strategies.registry import create
+    from memtrain.strategies.registry import create  # lazy (startup): the registry loads torch; --help must not
 
     plans = []
     for text in texts:
@@ -132,8 +133,6 @@ def parse_plans(values: str | Iterable[str] | None, flag: str = "--strategies") 
 
 def one_plan_only(names: Iterable[str], flag: str = "--strategies") -> None:
     """``fit`` trains one plan: a ``;`` in its comma list is an error that says where several plans belong."""
-    from memtrain.errors import ConfigError
-
     text = ",".join(names)
     if ";" in text:
         raise ConfigError(f"{flag} {text}: fit trains one plan, a comma list such as 'amp,checkpoint'; ';' separates plans only in plan, compare and calibrate")

@@ -2,8 +2,10 @@
 
 Every rank is a real `python -m memtrain fit` process (started with the variables torchrun
 sets, or by real `torchrun` invocations), talking over real gloo / TensorPipe on
-127.0.0.1, with OMP_NUM_THREADS=1. Results are compared with single-process training
-computed here, step by step in one process, on the same batches.
+127.0.0.1, with OMP_NUM_THREADS=1. Where a single-process run computes the same thing
+(rpc, pipeline with one microbatch), results are compared with `memtrain fit` through the
+CLI; where none does (microbatches = gradient accumulation, ddp replicas), with that
+computation written out here, step by step in one process, on the same batches.
 
 The reference runs under a tensor-counting dispatch mode, as the distributed runs do
 (memory tracking is on): under any Python dispatch mode PyTorch takes the

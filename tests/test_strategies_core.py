@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ast
+import re
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -197,12 +200,12 @@ def test_strategies_listing_shows_the_time_costs_the_planner_uses():
 
 
 # -- the import boundary: strategies declare, the layers above run ----------------------------------------
+PACKAGE = Path(__file__).resolve().parents[1] / "memtrain"
 FORBIDDEN = ("memtrain.loop", "memtrain.distributed", "memtrain.cli", "lightning", "lightning_fabric", "pytorch_lightning")
 
 
 def _forbidden_imports(source: str, package: str = "memtrain.strategies") -> list[str]:
     """Every import of a FORBIDDEN module in ``source``: module level or in functions, absolute, relative or through importlib."""
-    import ast
 
     def resolve(module: str | None, level: int) -> str:
         if not level:
@@ -256,12 +259,100 @@ import memtrain.loss
 
 def test_strategies_import_neither_the_loop_nor_the_runners_nor_lightning():
     """No module of memtrain/strategies/ imports memtrain.loop, memtrain.distributed, memtrain.cli or lightning, anywhere in it."""
-    from pathlib import Path
-
-    import memtrain.strategies
-
-    folder = Path(memtrain.strategies.__file__).parent
+    folder = PACKAGE / "strategies"
     files = sorted(folder.glob("*.py"))
     assert len(files) >= 10
     offending = {f.name: found for f in files if (found := _forbidden_imports(f.read_text()))}
     assert not offending, offending
+
+
+def test_memory_modules_import_lightning_only_in_the_callback_module():
+    """memory/* measures steps for the planner too: only memory/lightning.py (the Lightning callback) imports lightning at module level."""
+    offending = {}
+    for f in sorted((PACKAGE / "memory").glob("*.py")):
+        if f.name == "lightning.py":
+            continue
+        top = [n for n in ast.parse(f.read_text()).body if isinstance(n, (ast.Import, ast.ImportFrom))]
+        names = [a.name for n in top if isinstance(n, ast.Import) for a in n.names] + [n.module or "" for n in top if isinstance(n, ast.ImportFrom)]
+        if bad := [m for m in names if m.split(".")[0] in ("lightning", "lightning_fabric", "pytorch_lightning")]:
+            offending[f.name] = bad
+    assert not offending, offending
+
+
+# -- function-level imports: only where they buy startup time, or for an optional dependency, or a cycle ------------
+#: A lazy import is justified by a comment that says which: on its own lines or the line above its run of imports
+#: ("# lazy (startup): ...", "# lazy (optional dependency): ...", "# (cycle: a <-> b)"), or, for a whole module, one
+#: module-level comment line "# Lazy imports (startup|optional dependency|cycle): ...".
+_WHY = re.compile(r"#.*\b(startup|optional|cycle)\b", re.IGNORECASE)
+_MODULE_WIDE = re.compile(r"^# Lazy imports \((startup|optional dependency|cycle)\):", re.IGNORECASE | re.MULTILINE)
+
+
+def _lazy_imports(source: str) -> tuple[int, list[str]]:
+    """(how many function-level imports ``source`` holds, those of them without a justification comment, as 'line N: text')."""
+    lines = source.splitlines()
+    module_wide = bool(_MODULE_WIDE.search(source))
+    count, unjustified = 0, []
+
+    def commented(first: int, last: int) -> bool:  # 1-based, inclusive
+        return any(_WHY.search(lines[i - 1]) for i in range(max(first - 1, 1), last + 1))
+
+    def visit(body: list[ast.stmt], in_function: bool) -> None:
+        run_justified = False  # the run of consecutive import statements this one belongs to is justified
+        for stmt in body:
+            if in_function and isinstance(stmt, (ast.Import, ast.ImportFrom)):
+                nonlocal count
+                count += 1
+                run_justified = run_justified or module_wide or commented(stmt.lineno, stmt.end_lineno)
+                if not run_justified:
+                    unjustified.append(f"line {stmt.lineno}: {lines[stmt.lineno - 1].strip()}")
+                continue
+            run_justified = False
+            inner = in_function or isinstance(stmt, (ast.FunctionDef, ast.AsyncFunctionDef))
+            for field in ("body", "orelse", "finalbody"):
+                if isinstance(getattr(stmt, field, None), list):
+                    # a try/if/with whose header line says why covers the imports that open its body
+                    visit(getattr(stmt, field), inner)
+            for handler in getattr(stmt, "handlers", []):
+                visit(handler.body, inner)
+            for case in getattr(stmt, "cases", []):
+                visit(case.body, inner)
+
+    visit(ast.parse(source).body, False)
+    return count, unjustified
+
+
+def test_the_lazy_import_scan_finds_imports_without_a_reason():
+    source = """
+import torch
+def f():
+    import numpy  # lazy (startup): only the plot needs it
+    from x import y
+    import z
+    z.use()
+    from w import v
+class C:
+    def m(self):
+        if True:
+            # (cycle: a <-> b)
+            from a import b
+        try:  # lazy (optional dependency): an extra
+            import onnx
+        except ImportError:
+            import json
+def g():
+    def inner():
+        import os
+"""
+    count, unjustified = _lazy_imports(source)
+    assert count == 8
+    assert [u.split(": ", 1)[1] for u in unjustified] == ["from w import v", "import json", "import os"], unjustified
+    assert _lazy_imports("# Lazy imports (startup): run() loads torch.\ndef run():\n    import torch\n") == (1, [])
+
+
+def test_function_level_imports_say_why_they_are_not_at_module_level():
+    """Every import inside a function of memtrain/ says why it is there: startup time, an optional dependency or a cycle."""
+    found = {str(f.relative_to(PACKAGE)): _lazy_imports(f.read_text()) for f in sorted(PACKAGE.rglob("*.py"))}
+    assert len(found) >= 60
+    unjustified = {name: bad for name, (_, bad) in found.items() if bad}
+    total = sum(count for count, _ in found.values())
+    assert not unjustified, f"{total} function-level imports; these give no reason (startup / optional dependency / cycle): {unjustified}"

@@ -12,7 +12,9 @@ import os
 import re
 import sys
 import warnings
+from importlib import import_module
 
+from memtrain import __version__
 from memtrain.errors import MemtrainError
 
 SUBCOMMANDS = ("fit", "plan", "calibrate", "compare", "enhance", "export", "strategies")
@@ -49,10 +51,6 @@ def join_negative_values(argv: list[str]) -> list[str]:
 
 
 def build_parser() -> Parser:
-    from importlib import import_module
-
-    from memtrain import __version__
-
     parser = Parser(prog="memtrain", description="Memory-efficient training of high-resolution image-to-image models.")
     parser.add_argument("--version", action="version", version=f"memtrain {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)

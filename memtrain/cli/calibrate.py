@@ -7,13 +7,17 @@ the headroom model (workspace per pixel, allocator fraction, fixed part) that `p
 memtrain.memory.calibrate and memtrain.memory.headroom). Needs a CUDA GPU.
 """
 
+# Lazy imports (startup): run() imports the command's code and torch, so that `memtrain calibrate --help` needs no torch.
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
+from memtrain import __version__
 from memtrain.config import check_size
 from memtrain.errors import ConfigError
+from memtrain.rundir import atomic_write_text
 from memtrain.vocabulary import BATCH_SIZE, add_plans_argument, parse_plans
 
 EPILOG = """examples:
@@ -70,12 +74,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not torch.cuda.is_available():
         raise ConfigError("calibrate: needs a CUDA GPU and this machine has none; plan and --strategies auto keep the default headroom model (x1.10 + 1 GiB)")
-    from pathlib import Path
 
-    from memtrain import __version__
     from memtrain.memory import calibrate
     from memtrain.memory.headroom import default_path
-    from memtrain.rundir import atomic_write_text
 
     out = Path(args.out) if args.out else default_path("cuda")
     device = torch.cuda.get_device_name()

@@ -10,14 +10,17 @@ report the largest rank's peaks plus every rank's peaks and their mean (without
 --launcher they are rejected: they need several processes). Writes compare.csv, compare.json, compare.md and compare.png to --out.
 """
 
+# Lazy imports (startup): run() imports the command's code and torch, so that `memtrain compare --help` needs no torch.
 from __future__ import annotations
 
 import argparse
 import json
+import warnings
 from pathlib import Path
 
 from memtrain.config import LOSS_NAMES
 from memtrain.errors import ConfigError
+from memtrain.rundir import atomic_write_text
 from memtrain.vocabulary import BATCH_SIZE, DEVICES, add_plans_argument, parse_plans
 
 EPILOG = """examples:
@@ -112,10 +115,7 @@ def _check_encoder(name: str) -> None:
 
 
 def _run_cell(args: argparse.Namespace) -> int:
-    import warnings
-
     from memtrain.compare.cell import run_cell
-    from memtrain.rundir import atomic_write_text
 
     warnings.simplefilter("ignore")
     result = run_cell(json.loads(args.cell))

@@ -12,13 +12,16 @@ with new SOP/Series Instance UIDs and the patient/study linkage kept. Logs and o
 names use input file names only, never DICOM attributes.
 """
 
+# Lazy imports (startup): run() imports the command's code and torch, so that `memtrain enhance --help` needs no torch.
 from __future__ import annotations
 
 import argparse
 import time
 from pathlib import Path
 
+from memtrain import __version__
 from memtrain.errors import ConfigError, DataError
+from memtrain.rundir import atomic_write_bytes, check_writable
 from memtrain.vocabulary import DEVICES, add_deprecated
 
 EPILOG = """examples:
@@ -149,11 +152,9 @@ def plan_outputs(inputs: list[tuple[Path, Path]], out: Path, *, compare: bool, o
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from memtrain import __version__
     from memtrain.data.readers import load_source
     from memtrain.data.writers import compare_png, encode, quiet_pydicom
     from memtrain.inference import DEFAULT_OVERLAP, Enhancer, load_trained
-    from memtrain.rundir import atomic_write_bytes, check_writable
 
     tile = _int("--tile", args.tile, 32)
     overlap = _int("--overlap", args.overlap, 0)

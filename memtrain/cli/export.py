@@ -7,10 +7,15 @@ the command fails. --triton-repo also writes a Triton Inference Server model rep
 (REPO/NAME/config.pbtxt and REPO/NAME/1/model.onnx or model.pt). See memtrain.export.
 """
 
+# Lazy imports (startup): run() imports the command's code and torch, so that `memtrain export --help` needs no torch.
 from __future__ import annotations
 
 import argparse
 
+from memtrain.config import EXPORT_ATOL as DEFAULT_ATOL
+from memtrain.config import EXPORT_FORMATS as FORMATS
+from memtrain.config import EXPORT_SIZE as DEFAULT_SIZE
+from memtrain.config import check_size
 from memtrain.errors import ConfigError
 
 EPILOG = """examples:
@@ -21,10 +26,6 @@ EPILOG = """examples:
 
 
 def add_parser(sub) -> None:
-    from memtrain.config import EXPORT_ATOL as DEFAULT_ATOL
-    from memtrain.config import EXPORT_FORMATS as FORMATS
-    from memtrain.config import EXPORT_SIZE as DEFAULT_SIZE
-
     p = sub.add_parser(
         "export",
         help="export a trained model (ONNX / TorchScript, Triton repository), verified",
@@ -70,8 +71,7 @@ def _number(flag: str, value: str, kind=int):
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from memtrain.config import check_size
-    from memtrain.export import FORMATS, export_model, parse_hw
+    from memtrain.export import export_model, parse_hw
 
     if args.format not in FORMATS:
         raise ConfigError(f"--format {args.format}: expected one of {', '.join(FORMATS)}")

@@ -1,5 +1,6 @@
 """`memtrain fit`: train a model (see memtrain.loop.fit)."""
 
+# Lazy imports (startup): run() imports the command's code and torch, so that `memtrain fit --help` needs no torch.
 from __future__ import annotations
 
 import argparse

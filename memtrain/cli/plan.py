@@ -4,10 +4,12 @@ Nothing is allocated: each combination's training step runs on fake tensors and 
 tensor backend counts the bytes it would hold (see memtrain.memory.planner).
 """
 
+# Lazy imports (startup): run() imports the command's code and torch, so that `memtrain plan --help` needs no torch.
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 from memtrain.config import LOSS_NAMES, check_size
@@ -186,8 +188,6 @@ def format_plan(cands, best, planner, args, how: str) -> str:
 
 def grouped_rejections(cands) -> list[str]:
     """One line per reason for the combinations not estimated: the reason, how many, and the first few of them."""
-    import re
-
     groups: dict[tuple[str, str], list[str]] = {}
     for c in cands:
         if c.memory is None:  # the reason without the combination it names, so that one reason is one line

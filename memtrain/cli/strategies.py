@@ -1,5 +1,6 @@
 """`memtrain strategies`: list the registered strategies, their variants and trade-offs."""
 
+# Lazy imports (startup): run() imports the command's code and torch, so that `memtrain strategies --help` needs no torch.
 from __future__ import annotations
 
 import inspect

@@ -10,20 +10,27 @@ other exception ``error`` with its first line.
 
 from __future__ import annotations
 
+import resource
 import statistics
 import time
 import traceback
 import warnings
 
+import torch
+
+from memtrain.compare.environment import device_environment
+from memtrain.config import ModelConfig
+from memtrain.data.datasets import PhantomDataset
 from memtrain.errors import MemtrainError
+from memtrain.memory.step import TrainStep
+from memtrain.memory.tracker import MemoryTracker
+from memtrain.strategies import Environment, Plan
 
 WARMUP_STEPS = 1
 
 
 def is_oom(exc: BaseException) -> bool:
     """CUDA's OutOfMemoryError, Python's MemoryError, or the CPU allocator's 'can't allocate memory'."""
-    import torch
-
     if isinstance(exc, (torch.OutOfMemoryError, MemoryError)):
         return True
     text = str(exc)
@@ -37,8 +44,6 @@ def _first_line(exc: BaseException) -> str:
 
 def _limit_address_space(extra: int) -> None:
     """CPU stand-in for a device budget: the process may map only ``extra`` bytes more than it has now."""
-    import resource
-
     with open("/proc/self/status") as f:
         vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize"))
     _, hard = resource.getrlimit(resource.RLIMIT_AS)
@@ -47,15 +52,6 @@ def _limit_address_space(extra: int) -> None:
 
 def run_cell(spec: dict) -> dict:
     """Run the cell described by ``spec`` (strategies, size, batch_size, encoder, loss, steps, device, lr, cpu_memory_limit)."""
-    import torch
-
-    from memtrain.compare.environment import device_environment
-    from memtrain.config import ModelConfig
-    from memtrain.data.datasets import PhantomDataset
-    from memtrain.memory.step import TrainStep
-    from memtrain.memory.tracker import MemoryTracker
-    from memtrain.strategies import Environment, Plan
-
     result: dict = {"strategies": spec["strategies"], "size": spec["size"], "batch_size": spec["batch_size"], "status": "ok", "phase": "", "reason": ""}
     tracker = None
     try:

@@ -7,6 +7,11 @@ import platform
 import sys
 from importlib import metadata
 
+import torch
+
+from memtrain import __version__
+from memtrain.memory.nvml import driver_version
+
 
 def _version(dist: str) -> str:
     try:
@@ -28,10 +33,6 @@ def cpu_name() -> str:
 
 def host_environment() -> dict[str, str]:
     """Facts that need no GPU context (safe in the sweep's parent process)."""
-    import torch
-
-    from memtrain import __version__
-
     return {
         "cpu": f"{cpu_name()} ({os.cpu_count()} logical cores; torch threads {torch.get_num_threads()})",
         "python": platform.python_version(),
@@ -48,11 +49,7 @@ def host_environment() -> dict[str, str]:
 
 def device_environment(device: str) -> dict[str, str]:
     """The device a cell ran on (initialises CUDA: call it inside a cell)."""
-    import torch
-
     if device == "cuda":
-        from memtrain.memory.nvml import driver_version
-
         props = torch.cuda.get_device_properties(torch.cuda.current_device())
         return {
             "device": f"{props.name} ({props.total_memory / 2**30:.1f} GiB, compute capability {props.major}.{props.minor})",

@@ -170,10 +170,10 @@ def _backend_words(backends: list[str]) -> str:
 
 def plot_png(sweep, rows: list[dict], device: dict) -> bytes:
     """Grouped bars: forward and backward peak of each combination relative to ``none``, one panel per size."""
-    import matplotlib
+    import matplotlib  # lazy (startup): matplotlib loads only when the plot is drawn
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy (startup) too, after choosing the Agg backend above
 
     sizes = sweep.sizes
     combos = sweep.combos

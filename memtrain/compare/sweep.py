@@ -17,11 +17,19 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
+import memtrain
+from memtrain.compare.environment import host_environment
+from memtrain.compare.report import finalize, write_outputs
+from memtrain.compare.torchrun import is_distributed, needs_launcher, run_torchrun_cell
 from memtrain.config import check_size
 from memtrain.errors import ConfigError, MemtrainError
+from memtrain.strategies import Environment, Plan, Stage
 
 DEFAULT_CELL_TIMEOUT_S = 1800
 
@@ -77,12 +85,7 @@ def parse_sizes(text: str, flag: str = "--sizes") -> list[int]:
 
 def precheck(combo: str, device: str) -> str | None:
     """Why ``combo`` is rejected here, judged without touching CUDA (None: let the cell decide)."""
-    import torch
-
-    from memtrain.strategies import Environment, Plan, Stage
-
     target = "cuda" if device == "cuda" or (device == "auto" and torch.cuda.is_available()) else "cpu"
-    import warnings
 
     try:
         with warnings.catch_warnings():
@@ -97,8 +100,6 @@ def precheck(combo: str, device: str) -> str | None:
 
 
 def _package_root() -> str:
-    import memtrain
-
     return str(Path(memtrain.__file__).resolve().parents[1])
 
 
@@ -145,10 +146,6 @@ def run_cell_process(spec: dict, timeout: float) -> dict:
 
 def run_sweep(sweep: Sweep, *, log=print) -> list[dict]:
     """Run every cell (sizes outer, combinations inner), writing the outputs after each; returns the rows."""
-    from memtrain.compare.environment import host_environment
-    from memtrain.compare.report import finalize, write_outputs
-    from memtrain.compare.torchrun import is_distributed, needs_launcher, run_torchrun_cell
-
     host = host_environment()
     results: list[dict] = []
     total = len(sweep.sizes) * len(sweep.combos)

@@ -33,7 +33,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from memtrain.config import load_yaml
+from memtrain.distributed.memory import rank_files, summarize_ranks
 from memtrain.memory.tracker import MIB, PHASES
+from memtrain.strategies import create
+from memtrain.strategies.base import Stage
 
 LAUNCHERS = ("torchrun",)
 # Columns a distributed row adds to compare.csv (empty for single-process rows).
@@ -52,9 +56,6 @@ COLUMNS = (
 
 def is_distributed(combo: str) -> bool:
     """Whether ``combo`` contains a placement strategy (one that needs several processes)."""
-    from memtrain.strategies import create
-    from memtrain.strategies.base import Stage
-
     return any(create(name).stage == Stage.PLACEMENT for name in combo.split(","))
 
 
@@ -94,7 +95,7 @@ def fit_args(spec: dict, nproc: int, out: Path) -> list[str]:
 
 def run_torchrun_cell(spec: dict, nproc: int, timeout: float) -> dict:
     """Run one distributed cell as a torchrun job and build its result from the run directory."""
-    from memtrain.compare.sweep import cell_env, run_killable
+    from memtrain.compare.sweep import cell_env, run_killable  # (cycle: sweep <-> torchrun)
 
     base = {"strategies": spec["strategies"], "size": spec["size"], "batch_size": spec["batch_size"], "phase": "", "launcher": "torchrun"}
     base["nproc_per_node"] = nproc
@@ -126,9 +127,6 @@ def failure_line(output: str) -> str:
 
 def result_from_run(run_dir: Path, steps: int) -> dict:
     """The cell result of a finished distributed run: per-rank peaks (warm-up left out) and step time."""
-    from memtrain.config import load_yaml
-    from memtrain.distributed.memory import rank_files, summarize_ranks
-
     files = rank_files(run_dir)
     if not files:
         raise ValueError(f"no memory files in {run_dir}")

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from memtrain.config import DataConfig
 from memtrain.data.datasets import FolderDataset, PhantomDataset, check_readable, pair_targets, scan_folder, split
 from memtrain.errors import ConfigError
+from memtrain.memory.units import fmt_bytes
 
 PHANTOM = "phantom"
 #: Peak host bytes per pixel of generating one phantom pair (radiograph + CLAHE target): tracemalloc
@@ -38,8 +39,6 @@ def check_host_memory(cfg: DataConfig, pin_memory: bool = False, available: int 
     the planner's question (``memtrain plan``); this check only catches a size that could
     never even produce its data, before anything is written.
     """
-    from memtrain.memory.units import fmt_bytes
-
     if cfg.source.lower() != PHANTOM:
         return
     available = host_memory_available() if available is None else available

@@ -10,6 +10,8 @@ compressed transfer syntaxes decode when pydicom's optional decoders are install
 (``pip install 'memtrain[dicom]'``), otherwise the error says which are missing.
 """
 
+# Lazy imports (optional dependency): tifffile, PIL and pydicom load in the function that reads that format;
+# a run on phantoms or PNGs loads none of the others.
 from __future__ import annotations
 
 from dataclasses import dataclass

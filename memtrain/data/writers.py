@@ -43,6 +43,8 @@ Nothing here logs or names files after DICOM attributes; output names come from 
 file names only.
 """
 
+# Lazy imports (optional dependency): tifffile, PIL and pydicom load in the function that writes that format;
+# a run on phantoms or PNGs loads none of the others.
 from __future__ import annotations
 
 import contextlib

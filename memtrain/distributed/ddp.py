@@ -21,10 +21,13 @@ import contextlib
 from pathlib import Path
 
 import torch.distributed
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy
 
 from memtrain.config import FitConfig, to_dict
 from memtrain.distributed.heartbeat import Heartbeat
 from memtrain.distributed.launch import DistEnv, announce, init_process_group, quiet_distributed_warnings, rank_device, rendezvous_store
+from memtrain.distributed.memory import RankRecords, earlier_rows, format_rank_table, memory_file, summarize_ranks, write_rank_files
 from memtrain.errors import MemtrainError, StrategyError
 from memtrain.loop.fit import LightningRunner, open_run_dir
 from memtrain.memory.lightning import MemoryCallback
@@ -50,17 +53,11 @@ class RankMemoryCallback(MemoryCallback):
         self.tracker.end_step()  # no gathering here: the other ranks may not get to this point
 
     def on_fit_end(self, trainer, pl_module) -> None:
-        from memtrain.distributed.memory import format_rank_table, summarize_ranks
-
         self._write()
         if self.rank == 0 and self.tracker.records:
             print(format_rank_table(summarize_ranks(self.run_dir, skip_steps=self.warmup_steps)), flush=True)
 
     def _write(self) -> None:
-        import torch.distributed as dist
-
-        from memtrain.distributed.memory import RankRecords, earlier_rows, memory_file, write_rank_files
-
         gathered = [None] * dist.get_world_size() if self.rank == 0 else None
         dist.gather_object(RankRecords(self.rank, ROLE, list(self.tracker.records)), gathered, dst=0)
         if self.rank != 0:
@@ -108,8 +105,6 @@ class DDPRunner(LightningRunner):
     resumable_data = False  # Lightning gives the plain loader its DistributedSampler
 
     def open_run_dir(self, cfg: FitConfig, resume: Path | None) -> Path:
-        import torch.distributed as dist
-
         box: list = [None]
         if self.is_main():
             try:
@@ -124,8 +119,6 @@ class DDPRunner(LightningRunner):
         return Path(value)
 
     def trainer_options(self, env) -> dict:
-        from lightning.pytorch.strategies import DDPStrategy
-
         return {
             "accelerator": "gpu" if env.device == "cuda" else "cpu",
             "devices": self.denv.local_world_size,

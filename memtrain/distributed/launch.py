@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from memtrain.errors import StrategyError
 
@@ -59,15 +62,11 @@ class DistEnv:
 
 def announce(denv: DistEnv, role: str, device: torch.device) -> None:
     """One line per process, so operators (and tests) can tell which process plays which role."""
-    import socket
-
     print(f"memtrain: rank {denv.rank}/{denv.world_size} ({role}) pid {os.getpid()} on {socket.gethostname()}, device {device}", flush=True)
 
 
 def quiet_distributed_warnings() -> None:
     """torch.distributed's own deprecation notices, which say nothing about the user's run."""
-    import warnings
-
     warnings.filterwarnings("ignore", message=r".*as a ProcessGroup\. This usage is deprecated.*")
 
 
@@ -82,16 +81,12 @@ def rank_device(denv: DistEnv, device_type: str) -> torch.device:
 
 def rendezvous_store(denv: DistEnv, timeout: float = 300.0) -> torch.distributed.Store:
     """A client of the job's key-value store (torchrun's agent store, or rank 0's TCPStore outside torchrun)."""
-    import torch.distributed as dist
-
     store, _, _ = next(dist.rendezvous("env://", rank=denv.rank, world_size=denv.world_size, timeout=timedelta(seconds=timeout)))
     return dist.PrefixStore("memtrain", store)
 
 
 def init_process_group(denv: DistEnv, device_type: str, timeout: float = 1800.0) -> None:
     """The default process group: gloo on CPU, NCCL on CUDA."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
     backend = "nccl" if device_type == "cuda" else "gloo"

@@ -34,15 +34,19 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from memtrain.config import FitConfig
 from memtrain.distributed.heartbeat import Heartbeat
 from memtrain.distributed.launch import DistEnv, announce, init_process_group, quiet_distributed_warnings, rank_device, rendezvous_store
 from memtrain.distributed.memory import RankRecords, rank_memory
 from memtrain.distributed.shard import Shard
+from memtrain.distributed.sharded import ShardedRunner
 from memtrain.distributed.split import DECODER, ENCODER, check_splittable, merge_optimizer_states, merge_state_dicts, split_optimizer_state, split_state_dict
 from memtrain.errors import ConfigError
+from memtrain.loss import build_loss
 
 NAME = "pipeline"
 STAGES = (ENCODER, DECODER)
@@ -67,8 +71,6 @@ class _InContext(nn.Module):
 
 
 def _stage_class():
-    from torch.distributed.pipelining import PipelineStage
-
     class TrackedStage(PipelineStage):
         """A PipelineStage that tells the memory records when its first backward microbatch starts."""
 
@@ -89,10 +91,6 @@ class PipelineEngine:
     label = NAME
 
     def __init__(self, cfg: FitConfig, plan, device: torch.device, memory, denv: DistEnv) -> None:
-        import torch.distributed as dist
-
-        from memtrain.loss import build_loss
-
         self.cfg, self.plan, self.device, self.memory, self.rank = cfg, plan, device, memory, denv.rank
         self.step = 0
         self.part = STAGES[denv.rank]
@@ -105,8 +103,6 @@ class PipelineEngine:
 
     # -- plumbing ------------------------------------------------------------------------
     def _command(self, *cmd):
-        import torch.distributed as dist
-
         box = [cmd if self.rank == 0 else None]
         dist.broadcast_object_list(box, src=0, group=self.ctrl)
         return box[0]
@@ -115,8 +111,6 @@ class PipelineEngine:
         return 1 - self.rank
 
     def _schedule(self, shape: tuple[int, ...]):
-        from torch.distributed.pipelining import Schedule1F1B, ScheduleGPipe
-
         m = microbatches_for(shape[0], self.cfg.dist.microbatches)
         key = (*shape, m)
         if key not in self._schedules:
@@ -135,8 +129,6 @@ class PipelineEngine:
     # -- the step, on both ranks ---------------------------------------------------------------
     def _train(self, step: int, shape: tuple[int, ...], x: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
         """Forward and backward of every microbatch (the schedule interleaves them); the batch's mean loss, on both ranks."""
-        import torch.distributed as dist
-
         schedule = self._schedule(shape)
         mem = self.memory
         if self.rank == 0:
@@ -165,8 +157,6 @@ class PipelineEngine:
 
     @torch.no_grad()
     def _predict(self, shape: tuple[int, ...], x: torch.Tensor | None = None) -> torch.Tensor | None:
-        import torch.distributed as dist
-
         shard = self.shard
         if self.rank == 0:
             with shard.work(), shard.eval_forward():
@@ -189,22 +179,16 @@ class PipelineEngine:
         return None
 
     def _gather_states(self):
-        import torch.distributed as dist
-
         states = [None, None] if self.rank == 0 else None
         dist.gather_object(self.shard.state(), states, dst=0, group=self.ctrl)
         return states
 
     def _scatter_states(self, parts):
-        import torch.distributed as dist
-
         box = [None]
         dist.scatter_object_list(box, parts if self.rank == 0 else None, src=0, group=self.ctrl)
         self.shard.load(box[0])
 
     def _gather_memory(self):
-        import torch.distributed as dist
-
         records = [None, None] if self.rank == 0 else None
         dist.gather_object(list(self.memory.records), records, dst=0, group=self.ctrl)
         return records
@@ -291,8 +275,6 @@ class PipelineRunner:
     """Starts this process's stage of a pipeline run: rank 0 trains, rank 1 follows."""
 
     def run(self, cfg: FitConfig, plan, env, *, resume: Path | None) -> Path | None:
-        import torch.distributed as dist
-
         denv = DistEnv.from_environ(NAME, "2 processes (one per stage)")
         denv.require_world(NAME, (2,), "2 processes: the encoder stage (with the data) and the decoder stage")
         check_splittable(cfg.model.encoder, NAME)
@@ -307,8 +289,6 @@ class PipelineRunner:
         ok = False
         try:
             if denv.is_master:
-                from memtrain.distributed.sharded import ShardedRunner
-
                 engine = PipelineEngine(cfg, plan, device, rank_memory(device, cfg.memory.track), denv)
                 run_dir = ShardedRunner(engine, device).run(cfg, plan, env, resume=resume)
                 engine.close()

@@ -39,13 +39,18 @@ import contextlib
 from pathlib import Path
 
 import torch
+import torch.distributed.autograd as dist_autograd
+import torch.distributed.rpc as rpc
+from torch.distributed.rpc import PyRRef  # (RRef's base: what a reference passed over RPC arrives as)
 
 from memtrain.config import FitConfig, from_plain, to_dict
 from memtrain.distributed.heartbeat import Heartbeat
 from memtrain.distributed.launch import DistEnv, announce, quiet_distributed_warnings, rank_device, rendezvous_store
 from memtrain.distributed.memory import RankRecords, rank_memory
 from memtrain.distributed.shard import Shard, on_backward_threads
+from memtrain.distributed.sharded import ShardedRunner
 from memtrain.distributed.split import DECODER, ENCODER, check_splittable, merge_optimizer_states, merge_state_dicts, split_optimizer_state, split_state_dict
+from memtrain.strategies import Environment, Plan
 
 NAME = "rpc"
 MASTER = "master"
@@ -57,8 +62,6 @@ class RemoteShard:
     """A :class:`Shard` living on a worker, driven by the master over RPC."""
 
     def __init__(self, cfg: dict, specs: list[str], part: str) -> None:
-        from memtrain.strategies import Environment, Plan
-
         self.cfg = from_plain(cfg)
         env = Environment.detect(self.cfg.train.device)
         device = torch.device("cuda", torch.cuda.current_device()) if env.device == "cuda" else torch.device("cpu")
@@ -67,8 +70,6 @@ class RemoteShard:
         self.device = device
 
     def _inputs(self, inputs) -> tuple[torch.Tensor, ...]:
-        from torch.distributed.rpc import PyRRef  # (RRef's base: what a reference passed over RPC arrives as)
-
         # The encoder gets the batch, the decoder a reference to the encoder's features.
         value = inputs.to_here() if isinstance(inputs, PyRRef) else inputs
         tensors = tuple(value) if isinstance(value, (tuple, list)) else (value,)
@@ -94,8 +95,6 @@ class RemoteShard:
 
     def step(self, context_id: int, lr: float) -> None:
         """Take this shard's gradients out of the distributed-autograd context and step its optimizer at ``lr``."""
-        import torch.distributed.autograd as dist_autograd
-
         self.memory.begin("optimizer")
         with self.shard.work():
             grads = dist_autograd.get_gradients(context_id)
@@ -132,8 +131,6 @@ class RPCEngine:
     label = NAME
 
     def __init__(self, cfg: FitConfig, plan, device: torch.device, memory) -> None:
-        import torch.distributed.rpc as rpc
-
         self.device, self.memory = device, memory
         self.step = 0
         self._context_id: int | None = None
@@ -154,8 +151,6 @@ class RPCEngine:
     # -- the step ---------------------------------------------------------------------------
     @contextlib.contextmanager
     def step_context(self):
-        import torch.distributed.autograd as dist_autograd
-
         with self.memory.counting(), dist_autograd.context() as context_id:
             self._context_id = context_id
             try:
@@ -173,8 +168,6 @@ class RPCEngine:
         return loss_fn(out, y)
 
     def backward(self, loss: torch.Tensor) -> None:
-        import torch.distributed.autograd as dist_autograd
-
         self.memory.begin("backward")
         on_backward_threads((loss,), self.memory.counting)
         dist_autograd.backward(self._context_id, [loss])
@@ -218,8 +211,6 @@ class RPCEngine:
 
 def backend_options(cfg: FitConfig, denv: DistEnv, device: torch.device, store):
     """TensorPipe options: transport, time-out, and GPU device maps between the ranks' GPUs."""
-    import torch.distributed.rpc as rpc
-
     opts = rpc.TensorPipeRpcBackendOptions(
         num_worker_threads=8,
         rpc_timeout=cfg.dist.rpc_timeout,
@@ -239,8 +230,6 @@ class RPCRunner:
     """Starts this process's role of an rpc run: the master trains, the workers serve until it is done."""
 
     def run(self, cfg: FitConfig, plan, env, *, resume: Path | None) -> Path | None:
-        import torch.distributed.rpc as rpc
-
         denv = DistEnv.from_environ(NAME, "3 processes (master, encoder, decoder)")
         denv.require_world(NAME, (3,), "3 processes: the master (data, loss, logging), the encoder and the decoder")
         check_splittable(cfg.model.encoder, NAME)
@@ -257,7 +246,6 @@ class RPCRunner:
                 rpc.shutdown()
             heartbeat.stop()
             return None
-        from memtrain.distributed.sharded import ShardedRunner
 
         graceful = False
         try:

@@ -13,6 +13,7 @@ from memtrain.config import FitConfig
 from memtrain.distributed.launch import seed_all
 from memtrain.distributed.split import shard_of
 from memtrain.loop.optim import build_optimizer
+from memtrain.model import build_model
 
 
 class Shard:
@@ -26,8 +27,6 @@ class Shard:
     """
 
     def __init__(self, cfg: FitConfig, plan, part: str, device: torch.device, memory, strategy: str) -> None:
-        from memtrain.model import build_model
-
         self.cfg, self.plan, self.part, self.device, self.memory = cfg, plan, part, device, memory
         seed_all(cfg.train.seed)
         model = plan.apply(build_model(cfg.model))

@@ -229,9 +229,10 @@ class ShardedRunner(LightningRunner):
         return ShardedModel(self.engine)
 
     def trainer_options(self, env) -> dict:
+        # (No model summary: it would count the stand-in's parameters, none.)
         if self.device.type == "cuda":
-            return {"accelerator": "gpu", "devices": [self.device.index]}
-        return {"accelerator": "cpu", "devices": 1}
+            return {"accelerator": "gpu", "devices": [self.device.index], "enable_model_summary": False}
+        return {"accelerator": "cpu", "devices": 1, "enable_model_summary": False}
 
     def memory_callback(self, tracker, run_dir: Path, cfg: FitConfig):
         return RankMemoryFiles(self.engine, run_dir, warmup_steps=cfg.memory.warmup_steps)

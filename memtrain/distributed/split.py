@@ -20,7 +20,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import segmentation_models_pytorch as smp
 import torch
+from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
 from torch import nn
 
 from memtrain.errors import StrategyError
@@ -31,9 +33,6 @@ PARTS = (ENCODER, DECODER)
 
 
 def resnet_encoders() -> list[str]:
-    import segmentation_models_pytorch as smp
-    from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
-
     return [name for name, spec in smp.encoders.encoders.items() if issubclass(spec["encoder"], ResNetEncoder)]
 
 

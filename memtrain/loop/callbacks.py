@@ -10,6 +10,7 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import Checkpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from memtrain.rundir import atomic_write_bytes, atomic_write_text
 
@@ -205,8 +206,6 @@ class LastCheckpoint(Checkpoint):
         self._save(trainer)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
         if isinstance(exception, SIGTERMException):
             self._save(trainer)
 
@@ -227,10 +226,10 @@ class SampleImages(L.Callback):
 
 def render_samples(inputs, targets, outputs, title: str = "") -> bytes:
     """A PNG (bytes) with one row per image: input | target | output, all on a fixed [0, 1] scale."""
-    import matplotlib
+    import matplotlib  # lazy (startup): matplotlib loads when samples are drawn, not for every run
 
     matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # lazy (startup) too, after choosing the Agg backend above
 
     n = inputs.shape[0]
     fig = Figure(figsize=(9, 3 * n), dpi=100)

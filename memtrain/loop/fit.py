@@ -6,16 +6,35 @@ the run directory is created or any training starts.
 
 from __future__ import annotations
 
+import csv
 import logging
+import sys
 import warnings
 from pathlib import Path
 
+import lightning as L
 import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from memtrain.config import AUTO, FitConfig, dump_yaml, to_dict
+from memtrain.data.module import RadiographDataModule, check_host_memory
 from memtrain.errors import CheckpointError, ConfigError, Interrupted, StrategyError
+from memtrain.inference import STATE_PREFIX, read_checkpoint
+from memtrain.loop.callbacks import LastCheckpoint, MetricsCSV, SampleImages
+from memtrain.loop.checkpoint_io import AtomicCheckpointIO
+from memtrain.loop.module import EnhancementModule
 from memtrain.loop.placement import LOCAL
+from memtrain.loop.runners import runner_for
+from memtrain.loss import window_for
+from memtrain.memory.cuda import allocator_snapshot
+from memtrain.memory.lightning import MemoryCallback
+from memtrain.memory.planner import Planner
+from memtrain.memory.tracker import MemoryTracker
+from memtrain.memory.units import fmt_bytes, parse_bytes
+from memtrain.model import build_model, state_dict_mismatch
 from memtrain.rundir import CONFIG_NAME, atomic_write_text, check_new_run_dir, check_writable, discard_failed_start, new_run_dir, remove_stale_temp_files
+from memtrain.strategies import Environment, Plan
 
 CHECKPOINT_DIR = "checkpoints"
 LAST = "last.ckpt"
@@ -45,11 +64,6 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
     one Lightning process by default, or the processes of a placement strategy (rpc,
     pipeline, ddp) launched with torchrun.
     """
-    from memtrain.data.module import check_host_memory
-    from memtrain.loop.runners import runner_for
-    from memtrain.loss import window_for
-    from memtrain.strategies import Environment, Plan
-
     cfg.validate()
     window_for(cfg.data.size)  # too small for the loss: say so before Lightning prints anything
     for pattern in _QUIET:
@@ -80,8 +94,6 @@ def load_resume_checkpoint(run_dir: Path) -> tuple[Path, dict]:
     A missing one means the run stopped before its first checkpoint; a corrupt one is
     named, with the newest other checkpoint of the run that does load, if there is one.
     """
-    from memtrain.inference import read_checkpoint
-
     ckpt_path = run_dir / CHECKPOINT_DIR / LAST
     if not ckpt_path.is_file():
         raise ConfigError(
@@ -108,9 +120,6 @@ def load_resume_checkpoint(run_dir: Path) -> tuple[Path, dict]:
 
 def check_resume_architecture(ckpt: dict, model, ckpt_path: Path) -> None:
     """The resumed checkpoint's weights must fit the model this configuration builds (same keys and shapes)."""
-    from memtrain.inference import STATE_PREFIX
-    from memtrain.model import state_dict_mismatch
-
     state = ckpt.get("state_dict")
     if not isinstance(state, dict):
         raise CheckpointError(f"--resume: {ckpt_path} has no state_dict")
@@ -142,10 +151,6 @@ class LightningRunner:
     """
 
     def run(self, cfg: FitConfig, plan, env, *, resume: Path | None) -> Path | None:
-        import lightning as L
-
-        from memtrain.data.module import RadiographDataModule
-
         ckpt_path, resumed = load_resume_checkpoint(resume) if resume is not None else (None, None)
         L.seed_everything(cfg.train.seed, workers=True, verbose=False)
         datamodule = RadiographDataModule(
@@ -168,16 +173,6 @@ class LightningRunner:
             raise
 
     def _train(self, cfg: FitConfig, plan, env, run_dir: Path, model, datamodule, ckpt_path: Path | None) -> Path | None:
-        import lightning as L
-        from lightning.pytorch.callbacks import ModelCheckpoint
-        from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-        from memtrain.loop.callbacks import LastCheckpoint, MetricsCSV, SampleImages
-        from memtrain.loop.checkpoint_io import AtomicCheckpointIO
-        from memtrain.loop.module import EnhancementModule
-        from memtrain.memory.cuda import allocator_snapshot
-        from memtrain.memory.tracker import MemoryTracker
-
         self.announce(f"memtrain: run directory {run_dir} (strategies: {plan.label}, device: {env.device}, size: {cfg.data.size})")
         module = EnhancementModule(model, plan, cfg.train, loss=cfg.loss, samples=cfg.run.samples, config=to_dict(cfg), placement=self.placement)
 
@@ -232,8 +227,6 @@ class LightningRunner:
 
     def build_model(self, cfg: FitConfig, plan):
         """The model the run trains: the configured U-Net with the plan's transforms applied."""
-        from memtrain.model import build_model
-
         return plan.apply(build_model(cfg.model))
 
     #: Single-process runs use memtrain's resumable training loader (same order after a resume, mid-epoch too);
@@ -247,8 +240,6 @@ class LightningRunner:
         return {"accelerator": "gpu" if env.device == "cuda" else "cpu", "devices": 1}
 
     def memory_callback(self, tracker, run_dir: Path, cfg: FitConfig):
-        from memtrain.memory.lightning import MemoryCallback
-
         return MemoryCallback(tracker, run_dir / "memory.csv", blocks_csv_path=run_dir / "memory_blocks.csv", warmup_steps=cfg.memory.warmup_steps)
 
     def is_main(self) -> bool:
@@ -261,11 +252,7 @@ class LightningRunner:
 
 def choose_strategies(cfg: FitConfig, env) -> list[str]:
     """`--strategies auto`: the fastest combination whose estimated step fits --memory-budget (see memtrain.memory.planner)."""
-    from memtrain.memory.planner import Planner
-    from memtrain.memory.units import fmt_bytes, parse_bytes
-
     budget = parse_bytes(cfg.memory.budget, "--memory-budget")
-    import sys
 
     def progress(line: str) -> None:
         print(f"memtrain: --strategies auto: estimated {line}", file=sys.stderr, flush=True)
@@ -294,8 +281,6 @@ def choose_strategies(cfg: FitConfig, env) -> list[str]:
 
 
 def _print_outcome(run_dir: Path) -> None:
-    import csv
-
     path = run_dir / "metrics.csv"
     if not path.exists():
         return

@@ -60,6 +60,7 @@ class LocalPlacement:
 
     def precision_plugins(self, precision: Precision) -> list:
         """Lightning plugins applying ``precision`` to this process's forward, backward and optimizer step."""
+        # lazy (startup): Lightning loads only where a trainer is built; memory estimates import this module too (memory.step)
         from memtrain.loop.precision import lightning_plugins
 
         return lightning_plugins(precision)

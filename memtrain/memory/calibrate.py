@@ -20,8 +20,13 @@ from __future__ import annotations
 import gc
 import math
 
+import torch
+
+from memtrain.memory.estimate import measure_step
 from memtrain.memory.headroom import PHASE_NAMES, HeadroomModel
+from memtrain.memory.planner import estimate_memory
 from memtrain.memory.tracker import MIB
+from memtrain.strategies import Environment
 
 DEFAULT_STRATEGIES = ("none", "amp", "checkpoint:full", "amp,checkpoint:blocks", "amp,checkpoint:full")
 DEFAULT_SIZES = (256, 384, 512)
@@ -29,12 +34,6 @@ DEFAULT_SIZES = (256, 384, 512)
 
 def measure(combos, sizes, *, batch_size: int = 1, encoder: str = "resnet34", steps: int = 2, progress=None) -> list[dict]:
     """One row per (combination, size): the estimate and the measured peaks per phase (bytes)."""
-    import torch
-
-    from memtrain.memory.estimate import measure_step
-    from memtrain.memory.planner import estimate_memory
-    from memtrain.strategies import Environment
-
     env = Environment.detect("cuda")
     rows = []
     for combo in combos:

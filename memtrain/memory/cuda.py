@@ -16,6 +16,7 @@ are reset, so each phase reports the peaks reached inside it:
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import warnings
 from pathlib import Path
@@ -108,6 +109,4 @@ class AllocatorSnapshot:
 
 def allocator_snapshot(path: str | Path | None, device: torch.device | str):
     """An :class:`AllocatorSnapshot`, or a no-op context when no path is given."""
-    import contextlib
-
     return AllocatorSnapshot(path, device) if path else contextlib.nullcontext()

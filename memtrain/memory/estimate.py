@@ -20,14 +20,23 @@ CUDA run would hold on the GPU.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memtrain.config import ModelConfig
+from memtrain.errors import ConfigError
+from memtrain.memory.blocks import block_parameters
+from memtrain.memory.step import TrainStep
+from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
 from memtrain.memory.tracker import PHASES, MemoryTracker
+from memtrain.strategies import Environment, Plan
+from memtrain.strategies.amp import count_working_copies
+from memtrain.strategies.tile import sampled_tiles
 
 
 @dataclass
@@ -62,8 +71,6 @@ def execution_device(env, fake: bool) -> str:
     """Where a step for target ``env`` runs: the target device, or CPU fake tensors for a CUDA target on a machine without CUDA."""
     if env.device == "cuda" and not torch.cuda.is_available():
         if not fake:
-            from memtrain.errors import ConfigError
-
             raise ConfigError("measuring a CUDA step for real needs a CUDA device (use fake=True to estimate it)")
         return "cpu"
     return env.device
@@ -75,8 +82,6 @@ def execution_plan(strategies, env, fake: bool):
     For a CUDA target on a machine without CUDA the same resolved strategies (e.g. amp:fp16 for a
     pre-Ampere GPU) run on CPU fake tensors.
     """
-    from memtrain.strategies import Environment, Plan
-
     plan = Plan.resolve(strategies, env)
     device = execution_device(env, fake)
     run_plan = plan
@@ -132,16 +137,6 @@ def measure_sizes(
 
 def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, env, blocks, backends=None, events=False, first=0) -> list[StepMemory]:
     """Steps at ``sizes`` (one each) on one model; the StepMemory of each step from index ``first`` on."""
-    import contextlib
-
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from memtrain.memory.blocks import block_parameters
-    from memtrain.memory.step import TrainStep
-    from memtrain.strategies import Environment
-    from memtrain.strategies.amp import count_working_copies
-    from memtrain.strategies.tile import sampled_tiles
-
     env = env or Environment(device="cpu", native_bf16=False)
     plan, run_plan, torch_device = execution_plan(strategies, env, fake)
     if backends is None:
@@ -189,10 +184,6 @@ def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, e
 
 def loss_memory(loss_fn, size: int, dtype: torch.dtype = torch.float32) -> tuple[int, int, int]:
     """(forward peak, held after forward, backward peak) of ``loss_fn`` alone, in bytes above its two inputs (fake tensors, batch 1)."""
-    from torch._subclasses.fake_tensor import FakeTensorMode
-
-    from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
-
     with FakeTensorMode():
         pred = torch.rand(1, 1, size, size, dtype=dtype).requires_grad_(True)
         target = torch.rand(1, 1, size, size, dtype=dtype)

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from memtrain.errors import ConfigError
+from memtrain.memory.scaling import cache_dir
+from memtrain.memory.units import fmt_bytes
 
 PHASE_NAMES = ("forward", "backward", "optimizer")
 # oneDNN working memory of a CPU step, bytes per image pixel, per phase (a model file may add "<phase>@16-bit").
@@ -72,8 +74,6 @@ class HeadroomModel:
         return math.ceil(bound * (1.0 + self.fraction)) + self.fixed
 
     def describe(self) -> str:
-        from memtrain.memory.units import fmt_bytes
-
         ws = ", ".join(f"{p} {v:.0f}" for p, v in self.workspace.items() if v)
         ws = ws and ws + " B/px"
         return f"step peak{' + workspace (' + ws + ')' if ws else ''} x {1 + self.fraction:.2f} + {fmt_bytes(self.fixed)} ({self.source})"
@@ -89,8 +89,6 @@ def default_model(device: str) -> HeadroomModel:
 
 
 def default_path(device: str) -> Path:
-    from memtrain.memory.scaling import cache_dir
-
     return cache_dir() / f"headroom-{device}.json"
 
 

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from memtrain.memory.estimate import StepMemory, measure_sizes
 from memtrain.memory.scaling import CATEGORY_KEYS, FORMAT, SizeModel, _quadratic, read_entry
 from memtrain.memory.tracker import PHASES
 
@@ -107,8 +108,6 @@ class PeakModel:
         return worst
 
     def at(self, size: int, *, strategies: str, batch_size: int, device: str):
-        from memtrain.memory.estimate import StepMemory
-
         phases = {p: self.phase_at(p, size) for p in PHASES}
         return StepMemory(strategies, size, batch_size, True, phases, device=device, step_start=_quadratic(self.step_start, size, self.sizes))
 
@@ -169,8 +168,6 @@ def trace(combo: str, *, batch_size: int, encoder: str, loss: str = "msssim", en
     Nothing is cached. A trace at a size is the same whichever sizes the model ran before
     (:func:`memtrain.memory.estimate.measure_sizes`), so a later tier reuses the earlier ones' traces.
     """
-    from memtrain.memory.estimate import measure_sizes
-
     traced: dict[int, object] = {}
     reasons = []
     for fit, verify in TIERS:

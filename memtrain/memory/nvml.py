@@ -36,7 +36,7 @@ def open_nvml(device: torch.device) -> tuple[object | None, str | None]:
     if device.type != "cuda":
         return None, f"nvml: skipped (device is {device.type}, NVML reports NVIDIA GPUs only)"
     try:
-        import pynvml
+        import pynvml  # lazy (optional dependency): NVIDIA machines only; absent or broken is a skip, not an error
     except ImportError:
         return None, "nvml: skipped (nvidia-ml-py is not installed: pip install nvidia-ml-py)"
     try:
@@ -144,7 +144,7 @@ class NvmlBackend:
 def driver_version() -> str | None:
     """The NVIDIA driver version, or None without NVML."""
     try:
-        import pynvml
+        import pynvml  # lazy (optional dependency): NVIDIA machines only; absent or broken is a skip, not an error
 
         pynvml.nvmlInit()
         v = pynvml.nvmlSystemGetDriverVersion()

@@ -38,15 +38,20 @@ from __future__ import annotations
 
 import itertools
 import math
+import multiprocessing
 import os
 import time
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, replace
 
 from memtrain.errors import MemtrainError
+from memtrain.memory import large_sizes, scaling
 from memtrain.memory.estimate import StepMemory, measure_step
+from memtrain.memory.headroom import model_for
 from memtrain.memory.tracker import MIB, PHASES
+from memtrain.strategies import Environment, Plan, registered
 
 HEADROOM_BYTES = 2**30
 HEADROOM_FRACTION = 0.10
@@ -96,22 +101,16 @@ class Candidate:
 
 def default_target():
     """The environment plans are for unless told otherwise: a CUDA GPU with native bf16 (Ampere or newer)."""
-    from memtrain.strategies import Environment
-
     return Environment(device="cuda", native_bf16=True)
 
 
 def strategy_names() -> list[str]:
     """Registered strategies other than ``none``, in transform order."""
-    from memtrain.strategies import registered
-
     return [cls.name for cls in sorted(registered().values(), key=lambda c: (c.stage, c.name)) if cls.name != "none"]
 
 
 def strategy_options(env=None) -> dict[str, tuple[tuple[str, ...], str]]:
     """Each registered strategy's specs for plans on ``env`` and the reason for what it leaves out (:meth:`Strategy.plan_options`)."""
-    from memtrain.strategies import registered
-
     env = env or default_target()
     classes = registered()
     return {name: classes[name].plan_options(env) for name in strategy_names()}
@@ -159,9 +158,6 @@ def estimate_memory(combo: str, *, size: int, batch_size: int, encoder: str, los
     large-size model (:mod:`memtrain.memory.large_sizes`: exact, or within 1 %; from 1024 px on)
     when one is cached or shipped. Otherwise :func:`measure_step` runs at ``size``.
     """
-    from memtrain.memory import large_sizes, scaling
-    from memtrain.strategies import Plan
-
     plan = Plan.resolve(combo, env)
     key = scaling.cache_key(combo, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
     why = "extrapolation off"
@@ -219,9 +215,6 @@ class Planner:
     ) -> None:
         self.size, self.batch_size, self.encoder, self.loss = size, batch_size, encoder, loss
         self.env = env or default_target()
-        from dataclasses import replace
-
-        from memtrain.memory.headroom import model_for
 
         model = headroom_model or model_for(self.env.device)
         if headroom is not None:
@@ -241,8 +234,6 @@ class Planner:
     # -- candidates
     def candidates(self, combos: list[str] | None = None) -> list[Candidate]:
         """Resolve ``combos`` (default: :func:`combinations`) for the target; rejected ones carry the reason."""
-        from memtrain.strategies import Plan
-
         out = []
         for combo in combinations(env=self.env) if combos is None else combos:
             try:
@@ -267,9 +258,6 @@ class Planner:
             return
         args = [(c, self.size, self.batch_size, self.encoder, self.loss, self.env, self.extrapolate) for c in todo]
         if self.jobs > 1 and len(todo) > 2:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             workers = min(self.jobs, len(todo))
             with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_quiet_worker) as pool:
                 for combo, result in zip(todo, pool.map(_measure, args)):

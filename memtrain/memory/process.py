@@ -40,7 +40,7 @@ def rss_bytes() -> int | None:
     if value is not None:
         return value
     try:
-        import psutil
+        import psutil  # lazy (optional dependency): not a memtrain requirement, /proc is read first
     except ImportError:
         return None
     return int(psutil.Process().memory_info().rss)

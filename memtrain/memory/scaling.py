@@ -42,7 +42,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import segmentation_models_pytorch as smp
+import torch
+
+import memtrain
+from memtrain.memory.envelope import coefficients, envelope
+from memtrain.memory.estimate import StepMemory, measure_sizes
+from memtrain.memory.shipped import lookup
 from memtrain.memory.tracker import PHASES
+from memtrain.rundir import atomic_write_text
 
 SIZES = (192, 224, 256)
 VERIFY_SIZE = 320
@@ -106,8 +114,6 @@ class SizeModel:
         Exact: :meth:`phase_at` (peak, increase and the peak's breakdown) is the same at every
         integer size ≥ ``self.sizes[0]`` (:func:`memtrain.memory.envelope.envelope`).
         """
-        from memtrain.memory.envelope import coefficients, envelope
-
         events = {}
         for phase, evs in self.events.items():
             fitted = [coefficients(ev[0], self.sizes) for ev in evs]
@@ -126,8 +132,6 @@ class SizeModel:
         return _quadratic(self.step_start, trace.size, self.sizes) == trace.step_start
 
     def at(self, size: int, *, strategies: str, batch_size: int, device: str):
-        from memtrain.memory.estimate import StepMemory
-
         phases = {p: self.phase_at(p, size) for p in PHASES}
         return StepMemory(strategies, size, batch_size, True, phases, device=device, step_start=_quadratic(self.step_start, size, self.sizes))
 
@@ -158,11 +162,6 @@ def cache_dir() -> Path:
 
 def installed_versions() -> dict[str, str]:
     """The versions a trace depends on: torch, segmentation-models-pytorch and memtrain as installed."""
-    import segmentation_models_pytorch as smp
-    import torch
-
-    import memtrain
-
     return {"torch": torch.__version__, "smp": smp.__version__, "memtrain": memtrain.__version__}
 
 
@@ -199,8 +198,6 @@ def read_entry(name: str, *, shipped: bool = True) -> tuple[dict, str] | None:
     except (OSError, ValueError):
         pass
     if shipped:
-        from memtrain.memory.shipped import lookup
-
         data = lookup(name)
         if isinstance(data, dict) and data.get("format") == FORMAT:
             return data, "shipped"
@@ -209,8 +206,6 @@ def read_entry(name: str, *, shipped: bool = True) -> tuple[dict, str] | None:
 
 def write_entry(name: str, data: dict) -> None:
     """Write ``data`` to the disk cache under ``name`` (atomic); a cache that cannot be written is skipped."""
-    from memtrain.rundir import atomic_write_text
-
     try:
         path = _cache_path(name)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,8 +239,6 @@ def store(key: str, model: SizeModel | str) -> None:
 
 def trace(combo: str, *, batch_size: int, encoder: str, loss: str = "msssim", env, verify: bool = True) -> SizeModel | str:
     """``combo``'s pruned size model traced at SIZES (and checked at VERIFY_SIZE), or why there is none; nothing is cached."""
-    from memtrain.memory.estimate import measure_sizes
-
     sizes = [*SIZES, VERIFY_SIZE] if verify else list(SIZES)
     traces = measure_sizes(combo, sizes=sizes, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
     model = SizeModel.fit(traces[:3])
@@ -269,8 +262,6 @@ def size_model(combo: str, *, batch_size: int, encoder: str, loss: str = "msssim
 
 def load_direct(key: str, size: int):
     """A cached (or shipped) estimate measured at ``size`` itself (StepMemory), or None."""
-    from memtrain.memory.estimate import StepMemory
-
     found = read_entry(f"{key}-{size}")
     if found is None:
         return None

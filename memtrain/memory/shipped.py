@@ -27,11 +27,17 @@ import argparse
 import functools
 import gzip
 import json
+import multiprocessing
 import os
 import sys
 import tempfile
 import time
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+
+from memtrain.rundir import atomic_write_bytes
+from memtrain.strategies import Plan
 
 PATH = Path(__file__).with_name("shipped_models.json.gz")
 BATCH_SIZES = (1, 2)
@@ -59,8 +65,6 @@ def lookup(name: str) -> dict | None:
 
 def write(entries: dict[str, dict], about: dict, path: Path = PATH) -> int:
     """Write ``entries`` (cache name → JSON) with a description ``about`` to ``path`` atomically; its size in bytes."""
-    from memtrain.rundir import atomic_write_bytes
-
     text = json.dumps({"about": about, "entries": entries}, sort_keys=True, separators=(",", ":"))
     data = gzip.compress(text.encode(), compresslevel=9, mtime=0)
     atomic_write_bytes(path, data)
@@ -69,8 +73,7 @@ def write(entries: dict[str, dict], about: dict, path: Path = PATH) -> int:
 
 def default_combinations(env) -> list[str]:
     """The combinations `memtrain plan` estimates through size models by default on ``env``: planned, not rejected, every strategy ``size_polynomial``."""
-    from memtrain.memory.planner import Planner
-    from memtrain.strategies import Plan
+    from memtrain.memory.planner import Planner  # (cycle: planner -> scaling -> shipped -> planner)
 
     out = []
     for c in Planner(size=SIZE_FOR_CANDIDATES, env=env).candidates():
@@ -85,11 +88,9 @@ def large_combinations(env) -> list[str]:
     Those with a memory-neutral strategy (measured as the planner does, at ``FIT_SIZES[0]``) are
     left out: the planner estimates them as the same combination without it.
     """
-    import warnings
-
+    # (cycle: planner -> scaling -> shipped -> planner; large_sizes -> scaling)
     from memtrain.memory.large_sizes import FIT_SIZES
     from memtrain.memory.planner import Planner
-    from memtrain.strategies import Plan
 
     planner = Planner(size=FIT_SIZES[0], env=env)
     cands = [c for c in planner.candidates() if c.status == "ok"]
@@ -106,8 +107,7 @@ def large_combinations(env) -> list[str]:
 
 def _large_entry(args: tuple) -> tuple[str, str, int, dict, float]:
     """Worker: (cache name, combination, batch size, the JSON stored for its large-size model, seconds); cached as it is made."""
-    import warnings
-
+    # (cycle: planner -> scaling -> shipped -> planner; large_sizes -> scaling)
     from memtrain.memory import large_sizes, scaling
     from memtrain.memory.planner import default_target
 
@@ -129,8 +129,7 @@ def _large_entry(args: tuple) -> tuple[str, str, int, dict, float]:
 
 def _size_model_entry(args: tuple) -> tuple[str, str, int, dict, float]:
     """Worker: (cache key, combination, batch size, the JSON the cache holds, seconds)."""
-    import warnings
-
+    # (cycle: planner -> scaling -> shipped -> planner)
     from memtrain.memory import scaling
     from memtrain.memory.planner import default_target
 
@@ -180,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["MEMTRAIN_CACHE_DIR"] = tempfile.mkdtemp(prefix="memtrain-ship-")  # workers inherit it
     os.environ.setdefault("OMP_NUM_THREADS", "1" if args.jobs > 1 else "2")
 
+    # (cycle: planner -> scaling -> shipped -> planner; large_sizes -> scaling)
     from memtrain.memory import large_sizes, scaling
     from memtrain.memory.planner import default_target
 
@@ -203,9 +203,6 @@ def main(argv: list[str] | None = None) -> int:
 
     for fn, items in ((_size_model_entry, work), (_large_entry, large)):
         if args.jobs > 1 and len(items) > 1:
-            import multiprocessing
-            from concurrent.futures import ProcessPoolExecutor
-
             with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
                 for result in pool.map(fn, items):
                     done(result)

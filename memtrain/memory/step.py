@@ -23,6 +23,8 @@ import torch
 
 from memtrain.config import ModelConfig
 from memtrain.loop.placement import LOCAL
+from memtrain.loss import build_loss
+from memtrain.model import build_model
 
 
 class TrainStep:
@@ -40,9 +42,6 @@ class TrainStep:
         foreach: bool | None = None,
         scaler: bool = True,
     ) -> None:
-        from memtrain.loss import build_loss
-        from memtrain.model import build_model
-
         self.plan = plan
         self.device = torch.device(device)
         self.model = plan.apply(build_model(model_cfg or ModelConfig()))

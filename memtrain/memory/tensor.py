@@ -240,7 +240,7 @@ class TensorBackend:
         self._classify()
         self._step_start = self.step_start_bytes = self.counter.current
         if self.blocks:
-            from memtrain.memory.blocks import BlockHooks
+            from memtrain.memory.blocks import BlockHooks  # (cycle: tensor <-> blocks)
 
             for obj in self._objs:
                 if isinstance(obj, torch.nn.Module) and id(obj) not in self._hooks:

@@ -46,6 +46,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from memtrain.memory.cuda import CudaBackend
+from memtrain.memory.nvml import NvmlBackend, open_nvml
+from memtrain.memory.process import ProcessBackend
 from memtrain.memory.tensor import TensorBackend
 
 PHASES = ("forward", "backward", "optimizer")
@@ -97,17 +100,13 @@ class MemoryTracker:
             if self.device.type != "cuda" or not torch.cuda.is_available():
                 self.notes.append(f"cuda: skipped (device is {self.device.type}; allocator statistics exist on CUDA only)")
                 return None
-            from memtrain.memory.cuda import CudaBackend
 
             return CudaBackend(self.device)
         if name == "process":
-            from memtrain.memory.process import ProcessBackend
-
             if not ProcessBackend.available():
                 self.notes.append("process: skipped (the resident memory of this process cannot be read here)")
                 return None
             return ProcessBackend()
-        from memtrain.memory.nvml import NvmlBackend, open_nvml
 
         nvml, why = open_nvml(self.device)
         if nvml is None:

@@ -7,6 +7,8 @@ import contextvars
 from collections.abc import Callable
 
 import torch
+from torch._guards import active_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from memtrain.errors import StrategyError
@@ -86,8 +88,6 @@ class AMP(Strategy):
             raise StrategyError("amp:bf16: this GPU has no native bf16 (needs compute capability 8.0+); use amp:fp16")
 
     def session(self):
-        from torch._guards import active_fake_mode
-
         # Under fake tensors (memory estimates) no kernel runs, so there is nothing to reroute,
         # and the extra dispatch layer would only slow the estimate down, unless the estimate
         # counts the routing's working copies (count_working_copies).
@@ -106,8 +106,6 @@ _LOW = (torch.bfloat16, torch.float16)
 
 def _real_cpu(*tensors) -> bool:
     """CPU tensors that are real, or fake ones while an estimate counts the working copies."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
     fake_ok = _COPY_OBSERVER.get() is not None
     return all(t is None or (t.device.type == "cpu" and (fake_ok or not isinstance(t, FakeTensor))) for t in tensors)
 

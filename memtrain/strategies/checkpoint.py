@@ -46,6 +46,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from momentumnet import MomentumNet
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
@@ -143,10 +144,6 @@ def _manages_own_memory(module: nn.Module) -> bool:
     """A module whose backward already recomputes instead of storing (checkpointing it would recompute twice)."""
     if getattr(module, "manages_activation_memory", False):
         return True
-    try:
-        from momentumnet import MomentumNet
-    except ImportError:  # pragma: no cover - momentumnet is a dependency
-        return False
     # momentumnet's MomentumNet inverts its stage in backward; a subclass may switch that off (`invertible = False`).
     return isinstance(module, MomentumNet) and getattr(module, "invertible", True)
 
@@ -280,6 +277,7 @@ _DECODER_BLOCK_ARGS = ["self", "feature_map", "target_height", "target_width", "
 
 def _supported(model: nn.Module) -> str | None:
     """None if ``model`` has the U-Net structure the regions need, else what is missing."""
+    # lazy (startup): smp/torchvision load when a model is transformed, not for `memtrain strategies` or flag checks
     from segmentation_models_pytorch.decoders.unet.decoder import UnetDecoder, UnetDecoderBlock
     from segmentation_models_pytorch.encoders.resnet import ResNetEncoder
 

@@ -68,12 +68,15 @@ skipped; shapes and saved bytes are exact.
 
 from __future__ import annotations
 
+import copy
+import math
 from typing import TYPE_CHECKING
 
 import torch
 from momentumnet import MomentumNet
 from momentumnet.exact_rep_pytorch import RADIX_SCALE, BitStore, TorchExactRep
 from torch import nn
+from torch._subclasses.fake_tensor import FakeTensor
 
 from memtrain.errors import StrategyError
 from memtrain.strategies.base import Stage, Strategy
@@ -92,8 +95,6 @@ PROBE_STRIDE = 8
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import FakeTensor
-
     return isinstance(t, FakeTensor)
 
 
@@ -140,8 +141,6 @@ def _velocity_from(intrep: torch.Tensor, store: torch.Tensor) -> ExactVelocity:
 
 def max_blocks(gamma: float) -> int:
     """How many blocks the int64 remainder store of the exact velocity can undo at this γ."""
-    import math
-
     d = 2**16 // int(gamma + 1)  # TorchExactRep.float_to_rational
     n = int(gamma * d + 1)
     bits_per_block = abs(math.log2(d / n))  # the store grows by d/n per block
@@ -313,6 +312,7 @@ def _blocks_of(encoder) -> list[tuple[str, nn.Sequential]]:
 
 def resnet_encoder(model: nn.Module, who: str):
     """The torchvision ResNet encoder of an smp model, or StrategyError naming what is needed."""
+    # lazy (startup): smp/torchvision load when a model is transformed, not for `memtrain strategies` or flag checks
     from torchvision.models.resnet import ResNet
 
     encoder = getattr(model, "encoder", None)
@@ -324,6 +324,7 @@ def resnet_encoder(model: nn.Module, who: str):
 
 def to_momentum(model: nn.Module, *, gamma: float = GAMMA, invertible: bool = True, who: str = "momentum") -> nn.Module:
     """Replace every residual stage of the ResNet encoder by [first block +] a MomentumNet of the rest, in place."""
+    # lazy (startup): smp/torchvision load when a model is transformed, not for `memtrain strategies` or flag checks
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     encoder = resnet_encoder(model, who)
@@ -389,8 +390,6 @@ class Momentum(Strategy):
 
 def reference_of(model: nn.Module) -> nn.Module:
     """``momentum:reference`` of an already-transformed model's architecture: same weights, ordinary autograd."""
-    import copy
-
     ref = copy.deepcopy(model)
     for m in momentum_stages(ref):
         m.invertible = False

@@ -7,6 +7,7 @@ import warnings
 
 import torch
 from torch import nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._pytree import tree_map
 from torch.utils.weak import WeakIdKeyDictionary
@@ -16,8 +17,6 @@ from memtrain.strategies.registry import register
 
 
 def _is_fake(t: torch.Tensor) -> bool:
-    from torch._subclasses.fake_tensor import is_fake
-
     return is_fake(t)
 
 

@@ -20,7 +20,7 @@ class Placement(Strategy):
     """Common checks of the placement strategies."""
 
     stage = Stage.PLACEMENT
-    shards_model = True  # rpc/pipeline cut the model and drive it from their own loop
+    shards_model = True  # rpc/pipeline cut the model into shards on other processes (rank 0 drives them from the one loop)
 
     @classmethod
     def plan_options(cls, env) -> tuple[tuple[str, ...], str]:

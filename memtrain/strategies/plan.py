@@ -10,6 +10,7 @@ import torch
 from memtrain.errors import StrategyError
 from memtrain.strategies.base import Environment, Precision, Strategy
 from memtrain.strategies.registry import create
+from memtrain.strategies.tf32 import fp32_precision
 
 NONE = "none"
 
@@ -93,8 +94,6 @@ class Plan:
 
     def session(self) -> contextlib.ExitStack:
         """Process-wide settings for the run; restored when the block exits."""
-        from memtrain.strategies.tf32 import fp32_precision
-
         stack = contextlib.ExitStack()
         # The reference is true IEEE float32: PyTorch lets cuDNN convolutions use TF32 by
         # default, which memtrain turns off unless the `tf32` strategy turns it back on.

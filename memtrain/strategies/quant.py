@@ -63,6 +63,8 @@ warnings are silenced here.
 from __future__ import annotations
 
 import contextlib
+import copy
+import io
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -71,10 +73,21 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 from torch.ao.nn.quantized import FloatFunctional
-from torch.ao.quantization import FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver, QConfig
+from torch.ao.quantization import (
+    DeQuantStub,
+    FakeQuantize,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    QConfig,
+    QuantStub,
+    convert,
+    fuse_modules_qat,
+    prepare_qat,
+)
 
 from memtrain.errors import StrategyError
 from memtrain.strategies.base import Stage, Strategy
+from memtrain.strategies.momentum import momentum_stages, resnet_encoder
 from memtrain.strategies.registry import register
 
 if TYPE_CHECKING:
@@ -226,6 +239,7 @@ def _qat_qconfig() -> QConfig:
 
 def _fuse_groups(model: nn.Module) -> list[list[str]]:
     """Names to fuse: conv+bn in residual blocks (shared ReLU unfused), conv+bn+relu where the ReLU is used once."""
+    # lazy (startup): smp/torchvision load when a model is transformed, not for `memtrain strategies` or flag checks
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
     groups: list[list[str]] = []
@@ -257,6 +271,7 @@ def _quantizable_blocks(model: nn.Module) -> None:
     Same math; the residual add+ReLU becomes a ``FloatFunctional`` so it is observed in
     training and becomes an int8 op at conversion. No parameters or buffers are added.
     """
+    # lazy (startup): smp/torchvision load when a model is transformed, not for `memtrain strategies` or flag checks
     from torchvision.models.quantization.resnet import QuantizableBasicBlock, QuantizableBottleneck
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
@@ -287,10 +302,6 @@ def prepare_qat_model(model: nn.Module, who: str = "quant:qat") -> nn.Module:
     called from hooks, so the model keeps its structure and attribute paths); conv+BN
     pairs are fused; fake-quant modules are inserted by ``prepare_qat``.
     """
-    from torch.ao.quantization import DeQuantStub, QuantStub, fuse_modules_qat, prepare_qat
-
-    from memtrain.strategies.momentum import momentum_stages, resnet_encoder
-
     encoder = resnet_encoder(model, who)
     if momentum_stages(model):
         raise StrategyError(f"{who}: MomentumNet stages compute their velocity in float between blocks and have no int8 form; use quant:int8/fp8 with momentum")
@@ -314,10 +325,6 @@ def prepare_qat_model(model: nn.Module, who: str = "quant:qat") -> nn.Module:
 
 def convert_int8(model: nn.Module) -> nn.Module:
     """The int8 inference model of a ``quant:qat``-trained model (a converted copy, in eval mode, CPU x86/fbgemm kernels)."""
-    import copy
-
-    from torch.ao.quantization import convert
-
     q = copy.deepcopy(model).cpu().eval()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -385,8 +392,6 @@ class Quant(Strategy):
         Only TorchScript: the converted model runs PyTorch's quantized x86/fbgemm kernels,
         which torch.export (the ONNX exporter) cannot capture.
         """
-        import io
-
         if self.variant != "qat":
             raise StrategyError(f"--int8: {self.spec} only changes what training saves; int8 export needs a model trained with quant:qat")
         if fmt != "torchscript":

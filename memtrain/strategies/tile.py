@@ -57,6 +57,7 @@ from torch import nn
 
 from memtrain.errors import StrategyError
 from memtrain.strategies.base import Environment, Stage, Strategy
+from memtrain.strategies.momentum import InvertibleMomentumNet
 from memtrain.strategies.registry import register
 
 ALIGN = 32  # window origins and tile sides: the U-Net's total stride
@@ -495,8 +496,6 @@ def _run_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     inversion (which MomentumNet uses to avoid storing) has nothing to save; the plain
     equations are the same function (``momentum:reference``'s arithmetic).
     """
-    from memtrain.strategies.momentum import InvertibleMomentumNet
-
     for child in stage.children() if isinstance(stage, nn.Sequential) else [stage]:
         x = child.plain_forward(x) if isinstance(child, InvertibleMomentumNet) else child(x)
     return x
@@ -570,7 +569,7 @@ NEEDS = "an smp U-Net with a ResNet encoder of depth 5 and 5 decoder blocks with
 
 def unsupported(model: nn.Module) -> str | None:
     """Why ``model`` cannot be tiled (what :data:`NEEDS` asks for is missing), or None when it can."""
-    from memtrain.strategies.checkpoint import _supported as unet_problem
+    from memtrain.strategies.checkpoint import _supported as unet_problem  # (cycle: checkpoint <-> tile)
 
     problem = unet_problem(model)
     if problem is not None:
