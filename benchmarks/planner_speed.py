@@ -92,8 +92,9 @@ def write(rows: list[dict], out: Path, header: str, command: str) -> None:
         " warm: the same command again on the cache the previous run left.",
         "estimates: progress lines (one per combination estimated); shipped: of them, size models read from the shipped file"
         " (rows with shipped > 0 rely on it); traced: estimates traced or measured in this run (neither cached nor shipped),"
-        " and the seconds they took (their progress lines). In cold rows these are the combinations with a strategy whose step"
-        " depends on the size (quant, momentum: size_polynomial = False), measured at the size itself; wall − traced s is the rest"
+        " and the seconds they took (their progress lines). In cold rows these are combinations with a strategy whose step"
+        " depends on the size (quant, momentum, tile: size_polynomial = False) measured at the size itself: below 1024 px, or where"
+        " no large-size model (memtrain.memory.large_sizes) is shipped or it was refused; wall − traced s is the rest"
         " (start-up, cached and shipped lookups, output).",
         "",
         "| size | cache | wall s | estimates | shipped | traced | traced s | chosen | exit |",

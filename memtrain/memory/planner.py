@@ -12,10 +12,11 @@ are estimated with fake tensors — nothing is allocated — by :func:`estimate_
 the combination's *size model* (:mod:`memtrain.memory.scaling`: exact per-event quadratics
 in the image side, traced once at three small sizes and verified at a fourth, cached on
 disk, so any size up to 8192² and beyond costs nothing more; the default combinations'
-models for the default target ship with memtrain, :mod:`memtrain.memory.shipped`), or, for strategies whose
-step changes with the size (``size_polynomial = False``) and sizes below the traced
-ones, by :func:`memtrain.memory.estimate.measure_step` at the size (~2 s on a CPU whatever
-the size; also cached). A line per estimate goes to ``progress``.
+models for the default target ship with memtrain, :mod:`memtrain.memory.shipped`); for strategies whose
+step changes with the size (``size_polynomial = False``), from 1024 px on, from the
+combination's large-size model when one is cached or shipped (:mod:`memtrain.memory.large_sizes`:
+exact, or each phase's peak within 1 %); otherwise by :func:`memtrain.memory.estimate.measure_step`
+at the size (3–50 s on a CPU; also cached). A line per estimate goes to ``progress``.
 
 Strategies that change no memory at all (e.g. ``tf32``) are detected by measurement:
 a strategy whose own estimate equals ``none``'s in every phase is *memory-neutral*,
@@ -46,7 +47,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, replace
 
 from memtrain.errors import MemtrainError
-from memtrain.memory import scaling
+from memtrain.memory import large_sizes, scaling
 from memtrain.memory.estimate import StepMemory, measure_step
 from memtrain.memory.headroom import model_for
 from memtrain.memory.tracker import MIB, PHASES
@@ -153,7 +154,9 @@ def estimate_memory(combo: str, *, size: int, batch_size: int, encoder: str, los
 
     Both are cached on disk; the size model is used when every strategy declares
     ``size_polynomial``, the size is on the model's range (≥ its smallest traced size) and the
-    model was verified; otherwise :func:`measure_step` runs at ``size``.
+    model was verified. A combination with a strategy whose step changes with the size uses its
+    large-size model (:mod:`memtrain.memory.large_sizes`: exact, or within 1 %; from 1024 px on)
+    when one is cached or shipped. Otherwise :func:`measure_step` runs at ``size``.
     """
     plan = Plan.resolve(combo, env)
     key = scaling.cache_key(combo, batch_size=batch_size, encoder=encoder, loss=loss, env=env)
@@ -161,6 +164,15 @@ def estimate_memory(combo: str, *, size: int, batch_size: int, encoder: str, los
     if extrapolate:
         if not all(type(s).size_polynomial for s in plan.strategies):
             why = "its events depend on the size"
+            found = large_sizes.find(key) if large_sizes.covers(size, plan) else None
+            if found is not None and isinstance(found[0], str):
+                why += f"; {found[0]}"
+            elif found is not None and large_sizes.covers(size, plan, found[0]):
+                model, source = found
+                how = "size model" if isinstance(model, scaling.SizeModel) else f"approximate size model (≤ {model.bound:.0%})"
+                return model.at(size, strategies=plan.label, batch_size=batch_size, device=env.device), f"{how} from {model.sizes[0]} px ({source})"
+            elif found is not None:
+                why += f"; its size model starts at {found[0].sizes[0]} px"
         elif size < scaling.SIZES[0]:
             why = f"below {scaling.SIZES[0]} px"
         else:

@@ -22,7 +22,8 @@ several hundred per phase — so :meth:`SizeModel.phase_at` gives the same answe
 integer size ≥ ``SIZES[0]`` from a few hundred bytes of JSON.
 
 A strategy whose event sequence depends on the size (``Strategy.size_polynomial = False``)
-is never extrapolated.
+is never extrapolated from these sizes; from 1024 px on, :mod:`memtrain.memory.large_sizes`
+fits such combinations at larger sizes (exact, or within a stated bound, or refused).
 
 Models are cached as JSON under ``$MEMTRAIN_CACHE_DIR`` (default
 ``$XDG_CACHE_HOME/memtrain`` or ``~/.cache/memtrain``), keyed by the torch, smp and memtrain
@@ -67,53 +68,58 @@ def _quadratic(values: tuple[int, int, int], s: int, xs: tuple[int, int, int] = 
 
 @dataclass
 class SizeModel:
-    """Per phase, each event's [current, *categories] at the three :data:`SIZES`; plus the step's starting bytes."""
+    """Per phase, each event's [current, *categories] at the three fit sizes (:data:`SIZES` by default); plus the step's starting bytes.
 
-    events: dict[str, list[list[list[int]]]]  # phase -> event -> [current, p, g, o, a] -> value at each of SIZES
+    ``sizes`` other than :data:`SIZES` are the larger fit sizes of :mod:`memtrain.memory.large_sizes`
+    (strategies whose events depend on the size only below them); the model is valid from ``sizes[0]`` on.
+    """
+
+    events: dict[str, list[list[list[int]]]]  # phase -> event -> [current, p, g, o, a] -> value at each of sizes
     step_start: tuple[int, int, int]
     pruned: bool = False  # only the events on the upper envelope are kept (prune())
+    sizes: tuple[int, int, int] = SIZES  # the fit sizes
 
     @classmethod
-    def fit(cls, traces) -> SizeModel | None:
-        """From three StepMemory (measure_sizes at SIZES); None if their event sequences differ."""
-        if [t.size for t in traces] != list(SIZES):
-            raise ValueError(f"expected traces at {SIZES}")
+    def fit(cls, traces, sizes: tuple[int, int, int] = SIZES) -> SizeModel | None:
+        """From three StepMemory (measure_sizes at ``sizes``); None if their event sequences differ."""
+        if [t.size for t in traces] != list(sizes):
+            raise ValueError(f"expected traces at {sizes}")
         events = {}
         for phase in PHASES:
             seqs = [t.events.get(phase, []) for t in traces]
             if len({len(q) for q in seqs}) != 1 or not seqs[0]:
                 return None
             events[phase] = [list(map(list, zip(*rows))) for rows in zip(*seqs)]
-        return cls(events, tuple(t.step_start for t in traces))
+        return cls(events, tuple(t.step_start for t in traces), sizes=tuple(sizes))
 
     def phase_at(self, phase: str, size: int) -> dict[str, int]:
         """``tensor_peak``, ``tensor_increase`` and the peak's breakdown of ``phase`` at ``size``."""
         best = None
         for ev in self.events[phase]:
-            current = _quadratic(tuple(ev[0]), size)
+            current = _quadratic(tuple(ev[0]), size, self.sizes)
             if best is None or current > best[0]:
                 best = (current, ev)
         current, ev = best
-        start = _quadratic(self.step_start, size)
+        start = _quadratic(self.step_start, size, self.sizes)
         out = {"tensor_peak": current, "tensor_increase": current - start}
-        out.update({k: _quadratic(tuple(ev[1 + i]), size) for i, k in enumerate(CATEGORY_KEYS)})
+        out.update({k: _quadratic(tuple(ev[1 + i]), size, self.sizes) for i, k in enumerate(CATEGORY_KEYS)})
         return out
 
     def event_values(self, phase: str, size: int) -> list[int]:
-        return [_quadratic(tuple(ev[0]), size) for ev in self.events[phase]]
+        return [_quadratic(tuple(ev[0]), size, self.sizes) for ev in self.events[phase]]
 
     def prune(self) -> SizeModel:
-        """The same model with only the events that can be their phase's peak at some size ≥ ``SIZES[0]``.
+        """The same model with only the events that can be their phase's peak at some size ≥ its first fit size.
 
         Exact: :meth:`phase_at` (peak, increase and the peak's breakdown) is the same at every
-        integer size ≥ ``SIZES[0]`` (:func:`memtrain.memory.envelope.envelope`).
+        integer size ≥ ``self.sizes[0]`` (:func:`memtrain.memory.envelope.envelope`).
         """
         events = {}
         for phase, evs in self.events.items():
-            fitted = [coefficients(ev[0], SIZES) for ev in evs]
-            keep = envelope([poly for poly, _ in fitted], fitted[0][1], SIZES[0]) if evs else []
+            fitted = [coefficients(ev[0], self.sizes) for ev in evs]
+            keep = envelope([poly for poly, _ in fitted], fitted[0][1], self.sizes[0]) if evs else []
             events[phase] = [evs[i] for i in keep]
-        return SizeModel(events, self.step_start, pruned=True)
+        return SizeModel(events, self.step_start, pruned=True, sizes=self.sizes)
 
     def matches(self, trace) -> bool:
         """Whether every event of ``trace`` (a StepMemory with events, at another size) is what the model predicts (unpruned models only)."""
@@ -123,18 +129,22 @@ class SizeModel:
             got = [e[0] for e in trace.events.get(phase, [])]
             if got != self.event_values(phase, trace.size):
                 return False
-        return _quadratic(self.step_start, trace.size) == trace.step_start
+        return _quadratic(self.step_start, trace.size, self.sizes) == trace.step_start
 
     def at(self, size: int, *, strategies: str, batch_size: int, device: str):
         phases = {p: self.phase_at(p, size) for p in PHASES}
-        return StepMemory(strategies, size, batch_size, True, phases, device=device, step_start=_quadratic(self.step_start, size))
+        return StepMemory(strategies, size, batch_size, True, phases, device=device, step_start=_quadratic(self.step_start, size, self.sizes))
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "pruned": self.pruned, "events": self.events, "step_start": list(self.step_start)}
+        out = {"format": FORMAT, "pruned": self.pruned, "events": self.events, "step_start": list(self.step_start)}
+        return out if self.sizes == SIZES else out | {"sizes": list(self.sizes)}
 
     @classmethod
     def from_json(cls, data: dict) -> SizeModel:
-        return cls({p: data["events"][p] for p in PHASES}, tuple(data["step_start"]), pruned=bool(data.get("pruned", False)))
+        sizes = tuple(int(s) for s in data.get("sizes", SIZES))
+        if len(sizes) != 3:
+            raise ValueError("a size model has three fit sizes")
+        return cls({p: data["events"][p] for p in PHASES}, tuple(data["step_start"]), pruned=bool(data.get("pruned", False)), sizes=sizes)
 
 
 def entry(model: SizeModel | str) -> dict:
