@@ -178,9 +178,9 @@ class PipelineEngine:
         dist.send(out, dst=0)
         return None
 
-    def _gather_states(self):
+    def _gather_states(self, part: str):
         states = [None, None] if self.rank == 0 else None
-        dist.gather_object(self.shard.state(), states, dst=0, group=self.ctrl)
+        dist.gather_object(self.shard.state(part), states, dst=0, group=self.ctrl)
         return states
 
     def _scatter_states(self, parts):
@@ -219,9 +219,8 @@ class PipelineEngine:
         self.shard.set_training(mode)
 
     def state_dict(self) -> dict:
-        self._command("state")
-        enc, dec = self._gather_states()
-        return merge_state_dicts(enc["module"], dec["module"])
+        self._command("state", "module")
+        return merge_state_dicts(*self._gather_states("module"))
 
     def load_state_dict(self, state: dict) -> None:
         self._command("load")
@@ -229,9 +228,8 @@ class PipelineEngine:
         self._scatter_states([{"module": modules[p]} for p in STAGES])
 
     def optimizer_state(self) -> dict:
-        self._command("state")
-        enc, dec = self._gather_states()
-        return merge_optimizer_states(enc["optimizer"], dec["optimizer"])
+        self._command("state", "optimizer")
+        return merge_optimizer_states(*self._gather_states("optimizer"))
 
     def load_optimizer_state(self, state: dict) -> None:
         self._command("load")
@@ -262,7 +260,7 @@ class PipelineEngine:
             elif op == "mode":
                 self.shard.set_training(cmd[1])
             elif op == "state":
-                self._gather_states()
+                self._gather_states(cmd[1])
             elif op == "load":
                 self._scatter_states(None)
             elif op == "memory":

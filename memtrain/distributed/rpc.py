@@ -106,8 +106,8 @@ class RemoteShard:
     def set_training(self, mode: bool) -> None:
         self.shard.set_training(mode)
 
-    def state(self) -> dict:
-        return self.shard.state()
+    def state(self, part: str) -> dict:
+        return self.shard.state(part)
 
     def load(self, state: dict) -> None:
         self.shard.load(state)
@@ -188,15 +188,13 @@ class RPCEngine:
         self._all("set_training", mode)
 
     def state_dict(self) -> dict:
-        enc, dec = self._all("state")
-        return merge_state_dicts(enc["module"], dec["module"])
+        return merge_state_dicts(*self._all("state", "module"))
 
     def load_state_dict(self, state: dict) -> None:
         self._scatter({part: {"module": sd} for part, sd in split_state_dict(state).items()})
 
     def optimizer_state(self) -> dict:
-        enc, dec = self._all("state")
-        return merge_optimizer_states(enc["optimizer"], dec["optimizer"])
+        return merge_optimizer_states(*self._all("state", "optimizer"))
 
     def load_optimizer_state(self, state: dict) -> None:
         self._scatter({part: {"optimizer": st} for part, st in split_optimizer_state(state, self._n_params[ENCODER]).items()})

@@ -73,13 +73,11 @@ class Shard:
         self.module.train(mode)
 
     # -- state ----------------------------------------------------------------------
-    def state(self) -> dict[str, Any]:
-        cpu = {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
-        return {
-            "module": cpu,
-            "optimizer": _to_cpu(self.optimizer.state_dict()),
-            "n_params": sum(1 for _ in self.module.parameters()),
-        }
+    def state(self, part: str) -> dict[str, Any]:
+        """The ``"module"`` or the ``"optimizer"`` state dict, on the CPU (a checkpoint asks for each once)."""
+        if part == "module":
+            return {k: v.detach().cpu() for k, v in self.module.state_dict().items()}
+        return _to_cpu(self.optimizer.state_dict())
 
     def load(self, state: dict[str, Any]) -> None:
         """Load ``state``'s ``module`` and/or ``optimizer`` (either may be None)."""
