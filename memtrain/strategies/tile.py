@@ -785,9 +785,9 @@ class Tile(Strategy):
     def plan_options(cls, env: Environment) -> tuple[tuple[str, ...], str]:
         """Plans try ``tile`` with its side picked from the size (:func:`auto_side`); a fake estimate runs two tiles per sweep (:func:`sampled_tiles`).
 
-        ``tile:lean`` is not one of the combinations: where none of them fits a budget, the planner
-        tries the lean form of the few tile combinations with the smallest step peaks
-        (:meth:`memtrain.memory.planner.Planner.lean_candidates`).
+        ``tile:lean`` is not one of the combinations: it is :meth:`fallback_variant`, which the planner
+        tries where no combination fits the budget, for the few tile combinations with the smallest
+        step peaks (:meth:`memtrain.memory.planner.Planner.fallbacks`).
         """
         return (cls.name,), (
             "tile:PX and tile:lean-PX are tried only when named in --strategies; tile:lean (slower, less memory) when named,"
@@ -812,6 +812,14 @@ class Tile(Strategy):
     @classmethod
     def accepts_variant(cls, variant: str) -> bool:
         return parse_variant(variant) is not None
+
+    @classmethod
+    def fallback_variant(cls, variant: str | None) -> str | None:
+        """``tile`` → ``tile:lean``, ``tile:PX`` → ``tile:lean-PX``; the lean forms have none."""
+        parsed = parse_variant(variant or "auto")
+        if parsed is None or parsed[0]:
+            return None
+        return "lean" if parsed[1] is None else f"lean-{parsed[1]}"
 
     @classmethod
     def variant_error(cls, text: str) -> str:
