@@ -769,15 +769,21 @@ class Tile(Strategy):
     ``tile:lean`` (``tile:lean-PX`` with a given side) also keeps ``f2`` out of the middle: the
     decoder region recomputes the stem and ``layer1`` per tile (module docstring, "Lean").
     Memory saved on top of ``tile``: the ¼-resolution tensors alive while the middle and the
-    decoder region run — ``amp,tile:lean,offload`` LEAN_FIGURES. Time paid: the decoder
-    region's sweeps run E again (one more backward sweep per BatchNorm of E) and its halo
-    doubles to 64 px: LEAN_COST. Accuracy risk: none, as ``tile``. Plans try it only where
-    nothing else fits (:meth:`plan_options`).
+    decoder region run, from about 2048² on (below, the larger windows cost as much) —
+    ``amp,tile:lean,offload`` 509 MiB at 2048², 917 MiB at 4096² (within a 2 GiB GPU by the
+    planner's default headroom, where ``tile`` needs 2.17 GiB), 2,588 MiB at 8192²; activation
+    peak ~7.9× from 1024² to 4096². Time paid: the decoder region's sweeps run E again (one more
+    backward sweep per BatchNorm of E) and its halo doubles to 64 px: 7.0× the FLOPs of the
+    plain step, 8.5× its CPU time at 512² (twice ``tile``'s). Accuracy risk: none, as ``tile``.
+    Plans try it only where nothing else fits (:meth:`plan_options`).
     """
 
     name = "tile"
     stage = Stage.TILE
-    summary = "the full-resolution stages tile by tile with exact BatchNorm: with amp,checkpoint:full,quant 0.096x the fp32 step at 2048², for ~3.4x its FLOPs"
+    summary = (
+        "the full-resolution stages tile by tile with exact BatchNorm: with amp,checkpoint:full,quant 0.096x the fp32 step at 2048², for ~3.4x its FLOPs;"
+        " tile:lean also recomputes the ¼-res skip per tile (amp,offload: 917 MiB at 4096² vs 1,093) for ~7.0x"
+    )
     variants = ("auto", "lean")
     size_polynomial: ClassVar[bool] = False
 
@@ -795,7 +801,7 @@ class Tile(Strategy):
         )
 
     # CPU: measured by benchmarks/tile.py at 512² (auto side 256, 2 × 2 tiles; process time, interleaved):
-    # tile 4.02× `none`, FLOPs 3.39×; tile:lean LEAN_MEASURED. GPU: assumed the FLOP ratio (not measured on a GPU).
+    # tile 4.02× `none`, FLOPs 3.39×; tile:lean 8.49×, FLOPs 6.98× (branch tile4096, same program). GPU: assumed the FLOP ratio (not measured on a GPU).
     time_cost = 3.4
     time_cost_cpu = 4.0
     lean_time_cost = 7.0
