@@ -762,7 +762,7 @@ class Tile(Strategy):
     peak still grows ~11× from 1024² to 4096² (16× the pixels). Time paid: extra passes over
     the tiled stages — BatchNorm with whole-batch statistics costs one partial no-grad sweep
     per BN in forward and one recompute + partial backward per BN in backward, plus the halo:
-    3.4× the FLOPs of the plain step, 4.0× its CPU time at 512². Accuracy risk: none — in
+    3.4× the FLOPs of the plain step, 4.0–4.1× its CPU time at 512². Accuracy risk: none — in
     float64 outputs, gradients and BatchNorm buffers equal the untiled step to 1e-8; in
     float32 they differ by summation order only (see docs/strategies/tile.md).
 
@@ -771,10 +771,10 @@ class Tile(Strategy):
     Memory saved on top of ``tile``: the ¼-resolution tensors alive while the middle and the
     decoder region run, from about 2048² on (below, the larger windows cost as much) —
     ``amp,tile:lean,offload`` 509 MiB at 2048², 917 MiB at 4096² (within a 2 GiB GPU by the
-    planner's default headroom, where ``tile`` needs 2.17 GiB), 2,588 MiB at 8192²; activation
-    peak ~7.9× from 1024² to 4096². Time paid: the decoder region's sweeps run E again (one more
+    planner's default headroom, where ``tile`` needs 2.17 GiB), 2,588 MiB at 8192² (``tile``:
+    553, 1,093, 3,253); activation peak ~7.9× from 1024² to 4096² (``tile``: 10.6×). Time paid: the decoder region's sweeps run E again (one more
     backward sweep per BatchNorm of E) and its halo doubles to 64 px: 7.0× the FLOPs of the
-    plain step, 8.5× its CPU time at 512² (twice ``tile``'s). Accuracy risk: none, as ``tile``.
+    plain step, 8.7× its CPU time at 512² (twice ``tile``'s). Accuracy risk: none, as ``tile``.
     Plans try it only where nothing else fits (:meth:`plan_options`).
     """
 
@@ -801,11 +801,12 @@ class Tile(Strategy):
         )
 
     # CPU: measured by benchmarks/tile.py at 512² (auto side 256, 2 × 2 tiles; process time, interleaved):
-    # tile 4.02× `none`, FLOPs 3.39×; tile:lean 8.49×, FLOPs 6.98× (branch tile4096, same program). GPU: assumed the FLOP ratio (not measured on a GPU).
+    # tile 4.02× `none`, FLOPs 3.39× (4.11× in the rerun that added tile:lean); tile:lean 8.69×, FLOPs 6.98×.
+    # GPU: assumed the FLOP ratio (not measured on a GPU).
     time_cost = 3.4
     time_cost_cpu = 4.0
     lean_time_cost = 7.0
-    lean_time_cost_cpu = 8.5
+    lean_time_cost_cpu = 8.7
 
     @classmethod
     def declared_time(cls, variant: str | None, device: str) -> float:
