@@ -14,6 +14,8 @@ bf16, as the planner assumes) or for this CPU (``--target cpu``). A fake estimat
 runs the first and the widest tile of every sweep (:func:`memtrain.strategies.tile.sampled_tiles`;
 tests/test_tile.py checks it equals a real step), so every size takes seconds.
 
+``tile:lean`` rows: the opt-in variant whose decoder region recomputes the encoder's ¼-resolution skip per tile.
+
 Targets (issue 11): 2048² ≤ 0.10× the fp32 step; 4096² a plan ≤ 1.5 GiB; 4192² batch 4 ≤ 8 GiB;
 8192² ≤ 8 GiB; the lowest plan's activation peak grows ≤ 4× from 1024² to 4096²; FLOPs ≤ 1.8×.
 """
@@ -39,7 +41,16 @@ from memtrain.memory.estimate import measure_step  # noqa: E402
 from memtrain.rundir import atomic_write_text  # noqa: E402
 
 MIB = 2**20
-PLANS = ("none", "amp,checkpoint:full,quant", "tile", "amp,tile", "amp,tile,checkpoint:full,quant", "amp,tile,offload")
+PLANS = (
+    "none",
+    "amp,checkpoint:full,quant",
+    "tile",
+    "amp,tile",
+    "amp,tile,checkpoint:full,quant",
+    "amp,tile,offload",
+    "amp,tile:lean,checkpoint:full,quant",
+    "amp,tile:lean,offload",
+)
 CASES = "1024,2048,4096,8192,4192x4"  # SIZE or SIZExBATCH; 4192 = a native 4188² radiograph padded to the stride grid
 COLUMNS = (
     "size",
@@ -128,7 +139,11 @@ def main() -> None:
     ap.add_argument("--sizes", default=CASES, help="comma-separated SIZE or SIZExBATCH (batch 1 by default)")
     ap.add_argument("--plans", default=";".join(PLANS), help="';'-separated strategy lists")
     ap.add_argument("--target", choices=("cuda", "cpu"), default="cuda", help="estimate for memtrain plan's default CUDA target or for this CPU")
-    ap.add_argument("--cost-plans", default="tile;amp,tile,checkpoint:full,quant", help="';'-separated plans timed and FLOP-counted against none")
+    ap.add_argument(
+        "--cost-plans",
+        default="tile;amp,tile,checkpoint:full,quant;tile:lean;amp,tile:lean,checkpoint:full,quant",
+        help="';'-separated plans timed and FLOP-counted against none",
+    )
     ap.add_argument("--flop-size", type=int, default=512)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--no-write", action="store_true")

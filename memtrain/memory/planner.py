@@ -32,6 +32,15 @@ plus kernel workspace, × (1 + fraction) + fixed; on CUDA ×1.10 + 1 GiB until
 combination in that order that fits: the fastest expected one. With ``enough`` (the CLI's
 table), estimating stops once that many fit: the slower rest are not estimated
 (``skipped``) — they cannot be among the fastest that fit.
+
+Fallbacks: a strategy may declare a slower, leaner variant that plans try only where nothing
+else fits (:meth:`Strategy.fallback_variant`: ``tile`` → ``tile:lean``). When a budget is given
+and no estimated combination fits it, the planner takes the :data:`FALLBACKS_TRIED` combinations
+with such a strategy that have the smallest step peaks (distinct estimates: combinations that
+differ only by memory-neutral strategies count once, and all of them get their fallback form),
+and estimates their fallback forms in expected-cost order, stopping at the first that fits
+(``--all``/``--json``: every one). Plans where something fits never estimate a fallback, so
+they take no longer. A fallback named in ``--strategies`` is an ordinary combination.
 """
 
 from __future__ import annotations
@@ -51,10 +60,14 @@ from memtrain.memory import large_sizes, scaling
 from memtrain.memory.estimate import StepMemory, measure_step
 from memtrain.memory.headroom import model_for
 from memtrain.memory.tracker import MIB, PHASES
-from memtrain.strategies import Environment, Plan, registered
+from memtrain.strategies import Environment, Plan, create, registered
 
 HEADROOM_BYTES = 2**30
 HEADROOM_FRACTION = 0.10
+# Combinations (distinct estimates, smallest step peaks first) whose fallback form a plan tries when nothing fits. tile:lean
+# takes ~0.8x tile's step peak (benchmarks/results/tile.md) and is estimated at the size (3-8 s each at 4096² on a CPU),
+# so the few smallest are the ones that can fit.
+FALLBACKS_TRIED = 4
 
 
 @dataclass
@@ -336,12 +349,22 @@ class Planner:
         return self.model.needed_for(step_peak)
 
     def plan(self, combos: list[str] | None = None, *, enough: int | None = None) -> list[Candidate]:
-        """Every candidate estimated (see :meth:`estimate` for ``enough``), sorted: measured ones by (cost, step peak), then the rest."""
+        """Every candidate estimated (see :meth:`estimate` for ``enough``), sorted: measured ones by (cost, step peak), then the rest.
+
+        Where a budget is given and nothing fits, the fallback forms (:meth:`fallbacks`) join the
+        candidates: with ``enough``, estimated until the first that fits; without, all of them.
+        """
         cands = self.estimate(self.candidates(combos), enough=enough)
-        return sort_candidates(cands)
+        extra = self.fallbacks(cands)
+        if extra:
+            self._estimate_fallbacks(extra, stop=enough is not None)
+        return sort_candidates(cands + extra)
 
     def choose(self, combos: list[str] | None = None) -> Candidate | None:
-        """The fastest expected candidate that fits the budget, measuring in cost order and stopping at the first that fits."""
+        """The fastest expected candidate that fits the budget, measuring in cost order and stopping at the first that fits.
+
+        Where none fits, the fastest fallback form that fits (:meth:`fallbacks`), or None.
+        """
         if self.budget is None:
             raise ValueError("choose() needs a budget")
         cands = [c for c in self.candidates(combos) if c.status == "ok"]
@@ -354,7 +377,67 @@ class Planner:
             fitting = sorted((c for c in group if c.fits), key=lambda c: c.step_peak)
             if fitting:
                 return fitting[0]
-        return None
+        extra = self.fallbacks(cands)
+        self.measured.extend(extra)
+        return self._estimate_fallbacks(extra, stop=True)
+
+    # -- fallbacks
+    def fallbacks(self, cands: list[Candidate]) -> list[Candidate]:
+        """Where a budget is given and no estimated candidate fits it: the fallback forms of the smallest (see the module docstring).
+
+        Of the estimated candidates with a strategy that declares a fallback variant, those whose
+        estimate (without memory-neutral strategies) is one of the :data:`FALLBACKS_TRIED` with the
+        smallest step peaks get that strategy replaced by its fallback; forms already among
+        ``cands`` are left out. Returned resolved and not estimated; empty when something fits.
+        """
+        if self.budget is None or any(c.fits for c in cands):
+            return []
+        estimated = [c for c in cands if c.memory is not None]
+        if not self.neutral:  # choose() does not look for memory-neutral strategies; here their estimates are cached already
+            self.neutral = self._neutral(sorted({n for c in estimated for n in c.strategies.split(",") if n != "none"}))
+        forms = {c.strategies: form for c in estimated if (form := fallback_form(c.strategies)) is not None}
+        keys: list[str] = []
+        for c in sorted((c for c in estimated if c.strategies in forms), key=lambda c: c.step_peak):
+            if self._memory_key(c) not in keys:
+                if len(keys) == FALLBACKS_TRIED:
+                    break
+                keys.append(self._memory_key(c))
+        known = {c.strategies for c in cands}
+        todo = [forms[c.strategies] for c in estimated if c.strategies in forms and self._memory_key(c) in keys]
+        return self.candidates([f for f in dict.fromkeys(todo) if f not in known])
+
+    def _estimate_fallbacks(self, extra: list[Candidate], *, stop: bool) -> Candidate | None:
+        """Estimate ``extra`` in expected-cost order; with ``stop``, the slower ones after the first group that fits are ``skipped``. The fastest that fits."""
+        best = None
+        for _cost, group in itertools.groupby(sorted((c for c in extra if c.status == "ok"), key=lambda c: c.time_cost), key=lambda c: c.time_cost):
+            group = list(group)
+            if stop and best is not None:
+                for c in group:
+                    c.status, c.reason = "skipped", f"fallback expected slower than {best.strategies}, which fits"
+                continue
+            for c in group:
+                c.measured_as = self._memory_key(c)
+            self._run([c.measured_as for c in group])
+            for c in group:
+                result = self._cache[c.measured_as]
+                if c.measured_as == c.strategies:
+                    c.measured_as = None
+                self._settle(c, result)
+            fitting = sorted((c for c in group if c.fits), key=lambda c: c.step_peak)
+            if fitting and best is None:
+                best = fitting[0]
+        return best
+
+
+def fallback_form(combo: str) -> str | None:
+    """``combo`` with each strategy that declares a fallback variant in that variant (``tile`` → ``tile:lean``), or None when none does."""
+    parts, changed = [], False
+    for spec in combo.split(","):
+        s = create(spec)
+        fallback = type(s).fallback_variant(s.variant)
+        changed |= fallback is not None
+        parts.append(spec if fallback is None else f"{s.name}:{fallback}")
+    return ",".join(parts) if changed else None
 
 
 def sort_candidates(cands: list[Candidate]) -> list[Candidate]:

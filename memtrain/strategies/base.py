@@ -173,6 +173,15 @@ class Strategy:
         """
         return (cls.name,), ""
 
+    @classmethod
+    def fallback_variant(cls, variant: str | None) -> str | None:
+        """The variant plans try in place of ``variant`` only where no combination fits the budget (slower, less memory), or None: none.
+
+        `memtrain plan` and `fit --strategies auto` try it for the few combinations with the
+        smallest step peaks (:meth:`memtrain.memory.planner.Planner.fallbacks`). Default: None.
+        """
+        return None
+
     def __init__(self, variant: str | None = None) -> None:
         self.variant = variant if variant is not None else (self.variants[0] if self.variants else None)
         self.env = Environment()

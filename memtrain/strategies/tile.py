@@ -14,6 +14,16 @@ and backward):
 The middle (``layer2..4``, ``decoder.blocks[0..1]``) runs whole, as without tiling (so
 ``checkpoint`` still wraps it). The loss runs on the whole one-channel output.
 
+**Lean** (``tile:lean``, training only): D takes ``d1`` and ``x`` only and recomputes E per tile
+(``f1`` and ``f2`` from ``x``, with the batch statistics E computed this step), so ``f2`` is read
+only by ``layer2`` and dropped once it has; the middle drops each whole tensor once the next
+stage has read it; ``layer2``'s first block runs as :class:`_DownsampleFirst` (same values, a
+smaller backward). No ¼-resolution tensor is alive while the middle runs, and D's backward
+neither unpacks ``f2`` nor returns an ``f2``-sized gradient. The price: D's sweeps run the stem
+and ``layer1`` too, D's backward has one more sweep per BatchNorm of E (it sums its own
+corrections for them), and D's halo covers E's receptive field as well (64 px for ResNet18/34).
+Inference (:func:`tiled`) always takes ``f2`` whole: nothing is kept for backward there.
+
 **Tiles.** Interior squares of side T (full-resolution pixels, a multiple of 32) partition
 the image; each tile's computation window is the interior ± a halo, clipped at the image
 border. Window origins are multiples of 32, so every strided convolution, pooling and
@@ -39,7 +49,8 @@ backward. For BN j from last to first, one sweep recomputes every tile (no grad 
 with grad after it) and backpropagates to BN j's output only, accumulating S1_j, S2_j over
 the window; a final sweep backpropagates to parameters and region inputs. ``bn1`` is owned by
 E (E updates its running statistics); D borrows its statistics and gets its own correction
-sums from D's gradient (the skip path) — correct because the backward is linear in g.
+sums from D's gradient (the skip path) — correct because the backward is linear in g. In the
+lean form D borrows all of E's BatchNorms (``bn1`` and ``layer1``'s) the same way.
 """
 
 from __future__ import annotations
@@ -501,12 +512,63 @@ def _run_stage(stage: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-class Tiling:
-    """The tiled program installed as ``model.forward`` (instance level; :func:`remove_tiling` restores)."""
+class _DownsampleFirst:
+    """Instance forward of ``layer2``'s first block under ``tile:lean`` (a torchvision ``BasicBlock`` with a 1×1 strided ``downsample``).
 
-    def __init__(self, model: nn.Module, side: int | None) -> None:
+    Its output and input gradient are ``BasicBlock.forward``'s bit for bit (measured on CPU;
+    the downsample's weight gradient sums the same products in another order); what backward
+    holds differs in two ways. The block reads E's output ``f2`` twice: its 3×3
+    stride-2 ``conv1`` and its ``downsample``. Run as they are, the ``downsample`` branch's
+    backward runs first and its ``f2``-sized input gradient waits while ``conv1``'s backward
+    holds the unpacked ``f2`` (under ``offload``) and its own ``f2``-sized gradient: three
+    ¼-resolution tensors at once, the lean step's backward peak at 4096². Here the ``downsample``
+    runs first in forward, so its backward runs last, and its 1×1 convolution with stride s
+    reads ``f2[..., ::s, ::s]``: it keeps (and unpacks) a quarter of ``f2``.
+    """
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    @staticmethod
+    def applies(block: nn.Module) -> bool:
+        from torchvision.models.resnet import BasicBlock  # lazy (startup): torchvision loads when a model is transformed
+
+        ds = getattr(block, "downsample", None)
+        if type(block) is not BasicBlock or not isinstance(ds, nn.Sequential) or len(ds) != 2:
+            return False
+        conv = ds[0]
+        return (
+            isinstance(conv, nn.Conv2d)
+            and isinstance(ds[1], nn.BatchNorm2d)
+            and conv.kernel_size == (1, 1)
+            and conv.padding == (0, 0)
+            and conv.dilation == (1, 1)
+            and conv.groups == 1
+            and conv.stride[0] == conv.stride[1]
+        )
+
+    def __call__(self, x):
+        b = self.block
+        conv, bn = b.downsample
+        s = conv.stride[0]
+        identity = bn(F.conv2d(x[..., ::s, ::s], conv.weight, conv.bias))
+        out = b.relu(b.bn1(b.conv1(x)))
+        out = b.bn2(b.conv2(out))
+        out += identity
+        return b.relu(out)
+
+
+class Tiling:
+    """The tiled program installed as ``model.forward`` (instance level; :func:`remove_tiling` restores).
+
+    ``lean``: the decoder region recomputes E per tile instead of taking ``f2`` whole, and the
+    middle drops its whole tensors once read (see the module docstring); False: ``tile``'s program.
+    """
+
+    def __init__(self, model: nn.Module, side: int | None, *, lean: bool = False) -> None:
         self.model = model
         self.side = side  # None: auto from the input size
+        self.lean = lean
         self.active: _BNSession | None = None
         self.step_stats: dict = {}
         self.counters = Counters()
@@ -517,6 +579,12 @@ class Tiling:
         def run_e(x):
             return _run_stage(enc.layer1, enc.maxpool(enc.relu(enc.bn1(enc.conv1(x)))))
 
+        def decode(d1, f2, f1, x):
+            y = type(b2).forward(b2, d1, f2.shape[-2], f2.shape[-1], f2)
+            y = type(b3).forward(b3, y, f1.shape[-2], f1.shape[-1], f1)
+            y = type(b4).forward(b4, y, x.shape[-2], x.shape[-1], None)
+            return type(head).forward(head, y)
+
         def run_d(d1, f2, x):
             y = type(b2).forward(b2, d1, f2.shape[-2], f2.shape[-1], f2)
             f1 = enc.relu(enc.bn1(enc.conv1(x)))  # the stem again, per tile, with E's statistics for bn1
@@ -524,15 +592,32 @@ class Tiling:
             y = type(b4).forward(b4, y, x.shape[-2], x.shape[-1], None)
             return type(head).forward(head, y)
 
+        def run_d_lean(d1, x):
+            f1 = enc.relu(enc.bn1(enc.conv1(x)))  # E again, per tile, with E's statistics for its BatchNorms
+            return decode(d1, _run_stage(enc.layer1, enc.maxpool(f1)), f1, x)
+
         e_bns = _bns(enc.bn1) + _bns(enc.layer1)
-        d_bns = [*_bns(b2), enc.bn1, *_bns(b3), *_bns(b4), *_bns(head)]  # execution order of run_d
+        dec_bns = [*_bns(b2), *_bns(b3), *_bns(b4), *_bns(head)]
         r_e = receptive_radius([enc.conv1, enc.maxpool, enc.layer1])
         r_d = max(
             receptive_radius([("up", 8), b2, ("up", 4), b3, ("up", 2), b4, head]),
             receptive_radius([enc.conv1, ("up", 2), b4, head]) + receptive_radius([b3]) * 2,
         )
         self.encoder_region = _Region(self, "encoder", run_e, e_bns, e_bns, [*stem, enc.maxpool, enc.layer1], (1,), 4, r_e)
-        self.decoder_region = _Region(self, "decoder", run_d, d_bns, [b for b in d_bns if b is not enc.bn1], [b2, b3, b4, head, *stem], (8, 4, 1), 1, r_d)
+        if lean:
+            # E's path to the output through f2, recomputed per tile: stem, maxpool, layer1, then b2 onwards.
+            r_d = max(r_d, receptive_radius([enc.conv1, enc.maxpool, enc.layer1, b2, ("up", 4), b3, ("up", 2), b4, head]))
+            d_bns = [*e_bns, *dec_bns]  # execution order of run_d_lean
+            modules = [b2, b3, b4, head, *stem, enc.maxpool, enc.layer1]
+            self.decoder_region = _Region(self, "decoder", run_d_lean, d_bns, dec_bns, modules, (8, 1), 1, r_d)
+            first = enc.layer2[0] if isinstance(enc.layer2, nn.Sequential) else None  # reads E's output f2
+            if first is not None and _DownsampleFirst.applies(first):
+                first.forward = _DownsampleFirst(first)
+            self.program = self._lean_program
+        else:
+            d_bns = [*_bns(b2), enc.bn1, *_bns(b3), *_bns(b4), *_bns(head)]  # execution order of run_d
+            self.decoder_region = _Region(self, "decoder", run_d, d_bns, dec_bns, [b2, b3, b4, head, *stem], (8, 4, 1), 1, r_d)
+            self.program = self._program
         self.tiled_modules = (enc.conv1, enc.bn1, enc.layer1, b2, b3, b4, head)
         for bn in dict.fromkeys(e_bns + d_bns):
             bn.forward = _TiledBN(bn, self)
@@ -551,9 +636,12 @@ class Tiling:
         return region.forward(inputs, self.step_stats)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        model = self.model
-        model.check_input_shape(x)
-        enc, dec = model.encoder, model.decoder
+        self.model.check_input_shape(x)
+        return self.program(x)
+
+    def _program(self, x: torch.Tensor) -> torch.Tensor:
+        """``tile``: E, the middle whole, D with ``f2`` whole."""
+        enc, dec = self.model.encoder, self.model.decoder
         f2 = self._region(self.encoder_region, x)
         f3 = enc.layer2(f2)
         f4 = enc.layer3(f3)
@@ -562,6 +650,20 @@ class Tiling:
         y = dec.blocks[0](y, f4.shape[-2], f4.shape[-1], f4)
         d1 = dec.blocks[1](y, f3.shape[-2], f3.shape[-1], f3)
         return self._region(self.decoder_region, d1, f2, x)
+
+    def _lean_program(self, x: torch.Tensor) -> torch.Tensor:
+        """``tile:lean``: E, the middle whole with each tensor dropped once the next stage has read it, D recomputing E."""
+        enc, dec = self.model.encoder, self.model.decoder
+        f2 = self._region(self.encoder_region, x)
+        f3 = enc.layer2(f2)
+        del f2  # D recomputes f2 per tile: not alive through the middle
+        f4 = enc.layer3(f3)
+        y = dec.center(enc.layer4(f4))
+        y = dec.blocks[0](y, f4.shape[-2], f4.shape[-1], f4)
+        del f4
+        d1 = dec.blocks[1](y, f3.shape[-2], f3.shape[-1], f3)
+        del f3, y
+        return self._region(self.decoder_region, d1, x)
 
 
 NEEDS = "an smp U-Net with a ResNet encoder of depth 5 and 5 decoder blocks with BatchNorm, no classification head"
@@ -584,14 +686,14 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def apply_tiling(model: nn.Module, side: int | None) -> nn.Module:
-    """Install the tiled program into ``model`` (in place); ``side`` None picks it from each input's size."""
+def apply_tiling(model: nn.Module, side: int | None, *, lean: bool = False) -> nn.Module:
+    """Install the tiled program into ``model`` (in place); ``side`` None picks it from each input's size; ``lean``: see :class:`Tiling`."""
     problem = unsupported(model)
     if problem is not None:
         raise StrategyError(f"tile: needs {NEEDS}; {problem}")
     if tiling_of(model) is not None:
         raise StrategyError("tile: the model is already tiled")
-    tiling = Tiling(model, side)
+    tiling = Tiling(model, side, lean=lean)
     model.forward = tiling
     object.__setattr__(model, _MARK, tiling)
     return model
@@ -631,10 +733,20 @@ def tiled(model: nn.Module, side: int | None) -> Iterator[Tiling]:
 def remove_tiling(model: nn.Module) -> nn.Module:
     """Undo :func:`apply_tiling`: the model and its BatchNorms run their class forwards again."""
     for m in model.modules():
-        if isinstance(m.__dict__.get("forward"), (_TiledBN, Tiling)):
+        if isinstance(m.__dict__.get("forward"), (_TiledBN, Tiling, _DownsampleFirst)):
             del m.forward
     model.__dict__.pop(_MARK, None)
     return model
+
+
+def parse_variant(variant: str) -> tuple[bool, int | None] | None:
+    """``(lean, side)`` of a ``tile`` variant — ``auto``, ``PX``, ``lean``, ``lean-PX`` (side None: automatic) — or None when it is not one."""
+    if variant in ("auto", "lean"):
+        return variant == "lean", None
+    side = variant.removeprefix("lean-")
+    if side.isdigit() and int(side) > 0 and int(side) % ALIGN == 0:
+        return variant.startswith("lean-"), int(side)
+    return None
 
 
 @register
@@ -650,38 +762,87 @@ class Tile(Strategy):
     peak still grows ~11× from 1024² to 4096² (16× the pixels). Time paid: extra passes over
     the tiled stages — BatchNorm with whole-batch statistics costs one partial no-grad sweep
     per BN in forward and one recompute + partial backward per BN in backward, plus the halo:
-    3.4× the FLOPs of the plain step, 4.0× its CPU time at 512². Accuracy risk: none — in
+    3.4× the FLOPs of the plain step, 4.0–4.1× its CPU time at 512². Accuracy risk: none — in
     float64 outputs, gradients and BatchNorm buffers equal the untiled step to 1e-8; in
     float32 they differ by summation order only (see docs/strategies/tile.md).
+
+    ``tile:lean`` (``tile:lean-PX`` with a given side) also keeps ``f2`` out of the middle: the
+    decoder region recomputes the stem and ``layer1`` per tile (module docstring, "Lean").
+    Memory saved on top of ``tile``: the ¼-resolution tensors alive while the middle and the
+    decoder region run, from about 2048² on (below, the larger windows cost as much) —
+    ``amp,tile:lean,offload`` 509 MiB at 2048², 917 MiB at 4096² (within a 2 GiB GPU by the
+    planner's default headroom, where ``tile`` needs 2.17 GiB), 2,588 MiB at 8192² (``tile``:
+    553, 1,093, 3,253); activation peak ~7.9× from 1024² to 4096² (``tile``: 10.6×). Time paid: the decoder region's sweeps run E again (one more
+    backward sweep per BatchNorm of E) and its halo doubles to 64 px: 7.0× the FLOPs of the
+    plain step, 8.7× its CPU time at 512² (twice ``tile``'s). Accuracy risk: none, as ``tile``.
+    Plans try it only where nothing else fits (:meth:`plan_options`).
     """
 
     name = "tile"
     stage = Stage.TILE
-    summary = "the full-resolution stages tile by tile with exact BatchNorm: with amp,checkpoint:full,quant 0.096x the fp32 step at 2048², for ~3.4x its FLOPs"
-    variants = ("auto",)
+    summary = (
+        "the full-resolution stages tile by tile with exact BatchNorm: with amp,checkpoint:full,quant 0.096x the fp32 step at 2048², for ~3.4x its FLOPs;"
+        " tile:lean also recomputes the ¼-res skip per tile (amp,offload: 917 MiB at 4096² vs 1,093) for ~7.0x"
+    )
+    variants = ("auto", "lean")
     size_polynomial: ClassVar[bool] = False
 
     @classmethod
     def plan_options(cls, env: Environment) -> tuple[tuple[str, ...], str]:
-        """Plans try ``tile`` with its side picked from the size (:func:`auto_side`); a fake estimate runs two tiles per sweep (:func:`sampled_tiles`)."""
-        return (cls.name,), "tile:PX other than the automatic side is tried only when named in --strategies"
+        """Plans try ``tile`` with its side picked from the size (:func:`auto_side`); a fake estimate runs two tiles per sweep (:func:`sampled_tiles`).
+
+        ``tile:lean`` is not one of the combinations: it is :meth:`fallback_variant`, which the planner
+        tries where no combination fits the budget, for the few tile combinations with the smallest
+        step peaks (:meth:`memtrain.memory.planner.Planner.fallbacks`).
+        """
+        return (cls.name,), (
+            "tile:PX and tile:lean-PX are tried only when named in --strategies; tile:lean (slower, less memory) when named,"
+            " or in place of the few tile plans with the smallest step peaks when no plan fits the budget"
+        )
 
     # CPU: measured by benchmarks/tile.py at 512² (auto side 256, 2 × 2 tiles; process time, interleaved):
-    # 4.02× `none`, FLOPs 3.39×. GPU: assumed the FLOP ratio (not measured on a GPU).
+    # tile 4.02× `none`, FLOPs 3.39× (4.11× in the rerun that added tile:lean); tile:lean 8.69×, FLOPs 6.98×.
+    # GPU: assumed the FLOP ratio (not measured on a GPU).
     time_cost = 3.4
     time_cost_cpu = 4.0
+    lean_time_cost = 7.0
+    lean_time_cost_cpu = 8.7
+
+    @classmethod
+    def declared_time(cls, variant: str | None, device: str) -> float:
+        """``tile`` / ``tile:PX``: ``time_cost`` (``time_cost_cpu`` on a CPU); ``tile:lean`` / ``tile:lean-PX``: the lean ones."""
+        parsed = parse_variant(variant or "auto")
+        if parsed is not None and parsed[0]:
+            return cls.lean_time_cost_cpu if device == "cpu" else cls.lean_time_cost
+        return cls.time_cost_cpu if device == "cpu" else cls.time_cost
 
     @classmethod
     def accepts_variant(cls, variant: str) -> bool:
-        return variant in cls.variants or (variant.isdigit() and int(variant) > 0 and int(variant) % ALIGN == 0)
+        return parse_variant(variant) is not None
+
+    @classmethod
+    def fallback_variant(cls, variant: str | None) -> str | None:
+        """``tile`` → ``tile:lean``, ``tile:PX`` → ``tile:lean-PX``; the lean forms have none."""
+        parsed = parse_variant(variant or "auto")
+        if parsed is None or parsed[0]:
+            return None
+        return "lean" if parsed[1] is None else f"lean-{parsed[1]}"
 
     @classmethod
     def variant_error(cls, text: str) -> str:
-        return f"--strategies: '{text}': tile takes ':PX', the tile side in pixels, a positive multiple of {ALIGN} (e.g. tile:256), or no variant"
+        return (
+            f"--strategies: '{text}': tile takes ':PX', the tile side in pixels, a positive multiple of {ALIGN} (e.g. tile:256),"
+            " ':lean' (the decoder region recomputes the encoder's ¼-resolution skip: less memory, slower), ':lean-PX' (e.g. tile:lean-128),"
+            " or no variant"
+        )
+
+    @property
+    def lean(self) -> bool:
+        return parse_variant(self.variant)[0]
 
     @property
     def side(self) -> int | None:
-        return None if self.variant == "auto" else int(self.variant)
+        return parse_variant(self.variant)[1]
 
     @property
     def spec(self) -> str:
@@ -703,7 +864,7 @@ class Tile(Strategy):
                 )
 
     def transform(self, model: nn.Module) -> nn.Module:
-        return apply_tiling(model, self.side)
+        return apply_tiling(model, self.side, lean=self.lean)
 
 
 __all__ = [
@@ -713,6 +874,7 @@ __all__ = [
     "apply_tiling",
     "auto_side",
     "make_tiles",
+    "parse_variant",
     "receptive_radius",
     "remove_tiling",
     "sampled_tiles",
