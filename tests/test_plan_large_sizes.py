@@ -104,3 +104,20 @@ def test_a_model_of_a_later_tier_holds_from_its_first_fit_size_only(tmp_path, mo
         assert abs(memory.phases[p]["tensor_peak"] - direct.phases[p]["tensor_peak"]) <= model.bound * direct.phases[p]["tensor_peak"], p
     _, how = estimate_memory(combo, size=1024, batch_size=1, encoder="resnet34", env=env)
     assert how == "measured at the size (its events depend on the size; its size model starts at 2048 px)"
+
+
+def test_plan_table_marks_estimates_from_approximate_models(tmp_path):
+    # quant,checkpoint:full,amp at 4096² comes from its shipped approximate model, checkpoint:full,amp from its exact size model:
+    # the table marks the first's step peak with "~" and says what it means; --json says how each estimate was obtained.
+    from conftest import run_cli
+
+    args = ("plan", "--size", "4096", "--strategies", "quant,checkpoint:full,amp;checkpoint:full,amp", "--all")
+    proc = run_cli(*args, MEMTRAIN_CACHE_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    assert proc.returncode == 0, proc.stderr
+    rows = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("quant,", "checkpoint:"))}
+    assert " ~" in rows["quant,checkpoint:full,amp"] and "~" not in rows["checkpoint:full,amp"], proc.stdout
+    assert any(line.startswith("~: from an approximate large-size model") for line in proc.stdout.splitlines())
+    proc = run_cli(*args, "--json", MEMTRAIN_CACHE_DIR=str(tmp_path), OMP_NUM_THREADS="1")
+    by = {row["strategies"]: row["estimated_by"] for row in json.loads(proc.stdout)}
+    assert by["quant,checkpoint:full,amp"].startswith("approximate size model (≤ 1%) from 2048 px (shipped)"), by
+    assert by["checkpoint:full,amp"].startswith("size model"), by

@@ -157,7 +157,7 @@ def format_plan(cands, best, planner, args, how: str) -> str:
                 name,
                 f"x{c.time_cost:.2f}",
                 *(f"{c.peak(p) / MIB:,.0f}" for p in ("forward", "backward", "optimizer")),
-                f"{c.step_peak / MIB:,.0f}",
+                ("~" if c.approximate else "") + f"{c.step_peak / MIB:,.0f}",
                 f"{c.needed / MIB:,.0f}",
                 fits,
             ]
@@ -169,6 +169,8 @@ def format_plan(cands, best, planner, args, how: str) -> str:
         lines.append("  ".join(cell.ljust(w) if i in (0, 7) else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     if any(c.measured_as for c in shown):
         lines.append("(= X): same memory as X — the other strategies change no memory, measured alone")
+    if any(c.approximate for c in shown):
+        lines.append("~: from an approximate large-size model (each phase's peak within 1 % of a direct estimate; memtrain.memory.large_sizes)")
     lines.extend(grouped_rejections(cands))
     if args.strategies is None:
         from memtrain.memory.planner import left_out

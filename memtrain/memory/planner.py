@@ -83,6 +83,12 @@ class Candidate:
     measured_as: str | None = None  # the combination whose estimate is reused (memory-neutral strategies left out)
     fits: bool | None = None
     needed: int | None = None  # memory the step needs by the headroom model (memtrain.memory.headroom)
+    estimated_by: str | None = None  # how the estimate was obtained: size model, approximate size model (≤ 1%), measured at the size
+
+    @property
+    def approximate(self) -> bool:
+        """The estimate comes from an approximate large-size model (within its stated bound of ``measure_step``, not equal)."""
+        return (self.estimated_by or "").startswith("approximate")
 
     def peak(self, phase: str) -> int | None:
         return None if self.memory is None else self.memory.peak(phase)
@@ -109,6 +115,7 @@ class Candidate:
             "needed_mib": mib(self.needed),
             "fits": self.fits,
             "reason": self.reason,
+            "estimated_by": self.estimated_by,
         }
 
 
@@ -240,6 +247,7 @@ class Planner:
         self.extrapolate = extrapolate
         self.progress = progress  # called with one line per combination estimated (None: silent)
         self._cache: dict[str, StepMemory | str] = {}
+        self._how: dict[str, str] = {}  # combination -> how its estimate was obtained (estimate_memory's second value)
         self.measured: list[Candidate] = []  # what choose() estimated
         self.neutral: set[str] = set()  # memory-neutral strategies found by estimate()
         self.estimated = 0  # estimates made (progress lines)
@@ -282,6 +290,7 @@ class Planner:
     def _done(self, combo: str, result: tuple) -> None:
         memory, how, seconds = result
         self._cache[combo] = memory
+        self._how[combo] = how
         self.estimated += 1
         if self.progress is not None:
             peak = f"step peak {memory.step_peak / MIB:,.0f} MiB" if isinstance(memory, StepMemory) else memory
@@ -323,10 +332,10 @@ class Planner:
                 continue
             self._run([c.measured_as for c in group])
             for c in group:
-                result = self._cache[c.measured_as]
+                key = c.measured_as
                 if c.measured_as == c.strategies:
                     c.measured_as = None
-                self._settle(c, result)
+                self._settle(c, key)
                 fitting += bool(c.fits)
         return candidates
 
@@ -334,7 +343,10 @@ class Planner:
         """The combination whose estimate ``c`` shares: ``c`` without the known memory-neutral strategies."""
         return ",".join(n for n in c.strategies.split(",") if n not in self.neutral) or "none"
 
-    def _settle(self, c: Candidate, result: StepMemory | str) -> None:
+    def _settle(self, c: Candidate, key: str) -> None:
+        """``c``'s verdict from the estimate of ``key`` (``c`` itself, or the combination it shares an estimate with)."""
+        result = self._cache[key]
+        c.estimated_by = self._how.get(key)
         if isinstance(result, StepMemory):
             c.memory = result
             c.needed = self.model.needed(result)
@@ -372,7 +384,7 @@ class Planner:
             group = list(group)
             self._run([self._memory_key(c) for c in group])
             for c in group:
-                self._settle(c, self._cache[self._memory_key(c)])
+                self._settle(c, self._memory_key(c))
             self.measured.extend(group)
             fitting = sorted((c for c in group if c.fits), key=lambda c: c.step_peak)
             if fitting:
@@ -419,10 +431,10 @@ class Planner:
                 c.measured_as = self._memory_key(c)
             self._run([c.measured_as for c in group])
             for c in group:
-                result = self._cache[c.measured_as]
+                key = c.measured_as
                 if c.measured_as == c.strategies:
                     c.measured_as = None
-                self._settle(c, result)
+                self._settle(c, key)
             fitting = sorted((c for c in group if c.fits), key=lambda c: c.step_peak)
             if fitting and best is None:
                 best = fitting[0]
