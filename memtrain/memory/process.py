@@ -14,12 +14,17 @@ On Linux the kernel's high-water mark (``VmHWM`` in ``/proc/self/status``) is re
 each phase start by writing ``5`` to ``/proc/self/clear_refs``, and read at the phase end:
 exact, and free. Where that is not possible a thread samples the resident size every
 millisecond (:class:`_Sampler`), which can miss a peak shorter than that.
+
+Creating the backend fixes glibc's mmap threshold (:mod:`memtrain.memory.allocator`): with
+glibc's dynamic threshold the same step's peak varied by 2x between identical runs.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+
+from memtrain.memory.allocator import fix_mmap_threshold
 
 _HWM = re.compile(r"VmHWM:\s+(\d+)\s+kB")
 _RSS = re.compile(r"VmRSS:\s+(\d+)\s+kB")
@@ -90,6 +95,9 @@ class ProcessBackend:
 
     def __init__(self) -> None:
         self.notes: list[str] = []
+        self.mmap_threshold = fix_mmap_threshold()
+        if self.mmap_threshold is None:
+            self.notes.append("process: glibc's mmap threshold left dynamic (not glibc, or MEMTRAIN_MMAP_THRESHOLD=default): peaks vary between runs")
         self.method = "clear_refs" if _reset_hwm() else "sampling"
         self._sampler = _Sampler() if self.method == "sampling" else None
         if self._sampler is not None:
