@@ -32,6 +32,7 @@ from pathlib import Path
 from memtrain.errors import ConfigError
 from memtrain.memory.scaling import cache_dir
 from memtrain.memory.units import fmt_bytes
+from memtrain.strategies.tile import ALIGN, auto_side
 
 PHASE_NAMES = ("forward", "backward", "optimizer")
 # oneDNN working memory of a CPU step, bytes per image pixel, per phase (a model file may add "<phase>@16-bit").
@@ -64,7 +65,7 @@ class HeadroomModel:
 
     def bound(self, memory) -> int:
         """The step's memory before fraction and fixed: the largest phase's tensor peak plus its workspace."""
-        pixels = memory.batch_size * memory.size * memory.size
+        pixels = workspace_pixels(memory)
         low = any(s.split(":")[0] == "amp" for s in memory.strategies.split(","))
         return max(memory.peak(p) + math.ceil(self.per_pixel(p, low) * pixels) for p in PHASE_NAMES if p in memory.phases)
 
@@ -87,6 +88,21 @@ class HeadroomModel:
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, **asdict(self)}, indent=2)
+
+
+def workspace_pixels(memory) -> int:
+    """The pixels the workspace term scales with: the batch's, or under ``tile`` one tile's window per image.
+
+    ``tile`` runs the full-resolution convolutions on windows of the tile side plus a 32-px halo on each side
+    (``memtrain.strategies.tile``; the halo of ResNet18/34), so their working copies are a window's, not the image's.
+    """
+    side = memory.size
+    for spec in memory.strategies.split(","):
+        name, _, variant = spec.partition(":")
+        if name == "tile":
+            tile = int(variant) if variant.isdigit() else auto_side(memory.size, memory.size)
+            side = min(memory.size, tile + 2 * ALIGN)
+    return memory.batch_size * side * side
 
 
 def default_model(device: str) -> HeadroomModel:
