@@ -10,7 +10,8 @@ identical runs (``amp,checkpoint:full`` at 512² minus 64²: 155, 270, 300, 305�
 
 Setting the threshold with ``mallopt(M_MMAP_THRESHOLD, 128 KiB)`` keeps it at glibc's initial
 value and turns the dynamic adjustment off: every block of 128 KiB or more is mapped on
-allocation and unmapped on free, and the same step measures the same (252, 252, 252 MiB).
+allocation and unmapped on free, and the same step measures the same within 0.7 MiB
+(``benchmarks/results/cpu_bound.md``).
 This is what ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment does before a process
 starts; memtrain calls ``mallopt`` itself so that no launcher has to set it.
 
@@ -21,7 +22,8 @@ does nothing. ``MEMTRAIN_MMAP_THRESHOLD=default`` in the environment leaves glib
 threshold alone (another number sets that threshold in bytes).
 
 Time cost: every large tensor is a fresh mapping whose pages the kernel zero-fills on first
-touch (a heap block is reused without that), measured in ``benchmarks/results/cpu_bound.md``.
+touch (a heap block is reused without that). The choice and its measured cost are documented
+in one place: docs/memory.md, "CPU memory that is the same from run to run".
 """
 
 from __future__ import annotations
