@@ -2,7 +2,7 @@
 
 For each plan, in a fresh process per repeat (plans interleaved, repeat after repeat): one real
 step after a warm-up at ``--base`` px and at ``--size`` px (``measure_step(fake=False)`` with the
-``process`` backend, glibc's mmap threshold fixed by it); the *measured increase* is the
+``process`` backend, glibc's mmap threshold fixed as for every measurement); the *measured increase* is the
 largest phase's peak resident memory at ``--size`` minus the same at ``--base``. Beside it,
 from fake tensors: the *tensor estimate* (largest phase's live tensor bytes, the same
 difference) and the *CPU bound* (what the default CPU headroom model,
@@ -70,7 +70,7 @@ def child_time(size: int, steps: int) -> None:
         def phase(self, name):
             return contextlib.nullcontext()
 
-    threshold = fix_mmap_threshold()  # what `fit` on a CPU does (a no-op under MEMTRAIN_MMAP_THRESHOLD=default)
+    threshold = fix_mmap_threshold()  # what measurements do (a no-op under MEMTRAIN_MMAP_THRESHOLD=default)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
     plan = Plan.resolve("none", Environment.detect("cpu"))
     torch.manual_seed(0)

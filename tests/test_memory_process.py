@@ -113,7 +113,7 @@ COMBOS = ("amp,checkpoint:full", "amp")
 def test_cpu_estimate_is_within_10_percent_above_the_measured_process_increase_at_512():
     # One real step (after a warm-up) at 64² and at 512² in a fresh process: the increase of its peak resident memory
     # is what the plan's CPU estimate (tensor peak + oneDNN's working copy, x1.03: memtrain.memory.headroom) must bound,
-    # within 10 %. glibc's mmap threshold is fixed by the process backend (memtrain.memory.allocator); without that the
+    # within 10 %. glibc's mmap threshold is fixed for measurements (memtrain.memory.allocator); without that the
     # same step measured 155-312 MiB. Measured spread and ratios of every main plan: benchmarks/results/cpu_bound.md.
     from memtrain.memory.estimate import measure_step
     from memtrain.strategies import Environment
@@ -127,3 +127,14 @@ def test_cpu_estimate_is_within_10_percent_above_the_measured_process_increase_a
         estimate = {s: model.needed(measure_step(combo, size=s, env=env, blocks=False)) for s in (64, 512)}
         increase = estimate[512] - estimate[64]
         assert measured <= increase <= 1.10 * measured, f"{combo}: measured {measured / MIB:.1f} MiB, estimated {increase / MIB:.1f} MiB"
+
+
+@pytest.mark.parametrize(("setting", "fit", "measurement"), [("", None, 131072), ("131072", 131072, 131072), ("default", None, None)])
+def test_fit_leaves_the_mmap_threshold_dynamic_unless_asked_and_measurements_fix_it(setting, fit, measurement):
+    # fit calls fix_mmap_threshold(default=None) (the fixed threshold costs step time); compare cells, real measure_step
+    # runs and the benchmarks call fix_mmap_threshold(). Each in a fresh process: the setting is process-wide.
+    code = "import json, sys; from memtrain.memory import allocator; print(json.dumps(allocator.fix_mmap_threshold(**json.loads(sys.argv[1]))))"
+    for kwargs, want in (('{"default": null}', fit), ("{}", measurement)):
+        proc = subprocess.run([sys.executable, "-c", code, kwargs], env=cli_env(MEMTRAIN_MMAP_THRESHOLD=setting), capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert json.loads(proc.stdout) == want, (setting, kwargs, proc.stdout)

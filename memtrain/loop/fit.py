@@ -74,7 +74,7 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
         raise ConfigError("--device cuda: no CUDA device is available (use 'auto' or 'cpu')")
     env = Environment.detect(cfg.train.device)
     if env.device == "cpu":
-        fix_mmap_threshold()  # the same resident memory from run to run (memtrain.memory.allocator)
+        fix_mmap_threshold(default=None)  # only where MEMTRAIN_MMAP_THRESHOLD asks: fixed, it costs step time (memtrain.memory.allocator)
     check_host_memory(cfg.data, pin_memory=env.device == "cuda")
     if resume is None:
         check_new_run_dir(cfg.run.out)

@@ -15,11 +15,11 @@ allocation and unmapped on free, and the same step measures the same within 0.7 
 This is what ``MALLOC_MMAP_THRESHOLD_=131072`` in the environment does before a process
 starts; memtrain calls ``mallopt`` itself so that no launcher has to set it.
 
-Where it applies: at the start of every CPU run that memtrain measures or trains — ``fit`` on a
-CPU, the tracker's ``process`` backend (:mod:`memtrain.memory.process`), and so every
-measurement subprocess of ``compare`` and the benchmarks. Elsewhere than Linux with glibc it
-does nothing. ``MEMTRAIN_MMAP_THRESHOLD=default`` in the environment leaves glibc's dynamic
-threshold alone (another number sets that threshold in bytes).
+Where it applies: measurements — every ``compare`` cell, real (not fake) ``measure_step`` runs,
+and the benchmarks — so that their process peaks can be compared with estimates. ``fit`` leaves
+glibc's dynamic threshold unless ``MEMTRAIN_MMAP_THRESHOLD`` is set (a number of bytes, e.g.
+131072): the fixed threshold costs step time. ``MEMTRAIN_MMAP_THRESHOLD=default`` leaves it dynamic
+everywhere. Elsewhere than Linux with glibc it does nothing.
 
 Time cost: every large tensor is a fresh mapping whose pages the kernel zero-fills on first
 touch (a heap block is reused without that). The choice and its measured cost are documented
@@ -42,11 +42,11 @@ ENV = "MEMTRAIN_MMAP_THRESHOLD"
 _applied: int | None = None
 
 
-def threshold_from_env() -> int | None:
-    """The threshold asked for by ``MEMTRAIN_MMAP_THRESHOLD`` (bytes), None for ``default`` (glibc's dynamic one)."""
+def threshold_from_env(default: int | None = DEFAULT_THRESHOLD) -> int | None:
+    """The threshold asked for by ``MEMTRAIN_MMAP_THRESHOLD`` (bytes), None for ``default`` (glibc's dynamic one); ``default`` when unset."""
     value = os.environ.get(ENV, "").strip().lower()
     if not value:
-        return DEFAULT_THRESHOLD
+        return default
     if value in ("default", "dynamic", "off", "0"):
         return None
     try:
@@ -58,15 +58,17 @@ def threshold_from_env() -> int | None:
     return threshold
 
 
-def fix_mmap_threshold() -> int | None:
+def fix_mmap_threshold(default: int | None = DEFAULT_THRESHOLD) -> int | None:
     """Fix glibc's mmap threshold (module docstring); the threshold in force, None where nothing was set.
 
-    Idempotent; a no-op off Linux/glibc and where ``MEMTRAIN_MMAP_THRESHOLD=default``.
+    ``default``: the threshold when ``MEMTRAIN_MMAP_THRESHOLD`` is unset (measurements: 128 KiB;
+    ``fit``: None, glibc's dynamic threshold, because the fixed one costs step time). Idempotent;
+    a no-op off Linux/glibc and where ``MEMTRAIN_MMAP_THRESHOLD=default``.
     """
     global _applied
     if _applied is not None:
         return _applied
-    threshold = threshold_from_env()
+    threshold = threshold_from_env(default)
     if threshold is None or not sys.platform.startswith("linux"):
         return None
     try:
@@ -81,3 +83,8 @@ def fix_mmap_threshold() -> int | None:
         return None
     _applied = threshold
     return threshold
+
+
+def applied() -> int | None:
+    """The threshold :func:`fix_mmap_threshold` set in this process, None if none."""
+    return _applied

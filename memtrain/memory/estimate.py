@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memtrain.config import ModelConfig
 from memtrain.errors import ConfigError
+from memtrain.memory.allocator import fix_mmap_threshold
 from memtrain.memory.blocks import block_parameters
 from memtrain.memory.step import TrainStep
 from memtrain.memory.tensor import LiveTensorBytes, TensorBytesMode
@@ -140,6 +141,8 @@ def _run_steps(strategies, *, sizes, batch_size, encoder, loss="msssim", fake, e
     """Steps at ``sizes`` (one each) on one model; the StepMemory of each step from index ``first`` on."""
     env = env or Environment(device="cpu", native_bf16=False)
     plan, run_plan, torch_device = execution_plan(strategies, env, fake)
+    if not fake and torch_device.type == "cpu":
+        fix_mmap_threshold()  # a real measurement: the same resident memory from run to run (memtrain.memory.allocator)
     if backends is None:
         backends = ("tensor",) if fake else None
     tracker = MemoryTracker(torch_device, backends=backends, blocks=blocks, events=events)
