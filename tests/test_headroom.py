@@ -63,3 +63,48 @@ def test_model_arithmetic(tmp_path):
     assert m.bound(mem) == 14096 and m.needed(mem) == 16506
     (tmp_path / "m.json").write_text(m.to_json())
     assert load_model(tmp_path / "m.json") == m
+
+
+def test_cpu_workspace_follows_the_convolutions_operands():
+    from memtrain.memory.estimate import StepMemory
+    from memtrain.memory.headroom import default_model
+
+    cpu = default_model("cpu")
+    phases = {"forward": {"tensor_peak": 0}, "backward": {"tensor_peak": 0}}
+
+    def workspace(strategies, size):
+        return cpu.bound(StepMemory(strategies, size, 1, True, phases))
+
+    # float32: a 32-channel full-resolution copy, 128 B/px; 16-bit kernels half that.
+    assert workspace("none", 512) == 128 * 512**2 and workspace("amp:bf16,checkpoint:full", 512) == 64 * 512**2
+    # tile: the full-resolution convolutions run on windows (tile side + 2 x 32 px halo), not on the image.
+    assert workspace("tile", 512) == 128 * 320**2 and workspace("tile:128", 2048) == 128 * 192**2
+    assert workspace("tile", 64) == 128 * 64**2  # a window clipped to the image
+
+
+def test_cpu_workspace_is_the_largest_convolution_input_of_the_unet():
+    # CPU_WORKSPACE's 128 B/px is derived from the traced convolutions (each holds a blocked copy of its input while it
+    # runs, memtrain.memory.headroom): the largest input per image pixel, in float32, must be that.
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memtrain.config import ModelConfig
+    from memtrain.memory.headroom import CPU_WORKSPACE
+    from memtrain.model import build_model
+
+    inputs = []
+
+    class Convolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                inputs.append(args[0].numel() * args[0].element_size())
+            return func(*args, **(kwargs or {}))
+
+    size = 64
+    with FakeTensorMode():
+        model = build_model(ModelConfig(encoder="resnet34"))
+        x = torch.rand(1, 1, size, size)
+        with Convolutions():
+            model(x)
+    assert len(inputs) >= 36 and max(inputs) / size**2 == CPU_WORKSPACE["forward"] == 2 * CPU_WORKSPACE["forward@16-bit"]

@@ -27,6 +27,7 @@ from memtrain.loop.module import EnhancementModule
 from memtrain.loop.placement import LOCAL
 from memtrain.loop.runners import runner_for
 from memtrain.loss import window_for
+from memtrain.memory.allocator import fix_mmap_threshold
 from memtrain.memory.cuda import allocator_snapshot
 from memtrain.memory.lightning import MemoryCallback
 from memtrain.memory.planner import Planner
@@ -72,6 +73,8 @@ def fit(cfg: FitConfig, *, resume: str | Path | None = None) -> Path | None:
     if cfg.train.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda: no CUDA device is available (use 'auto' or 'cpu')")
     env = Environment.detect(cfg.train.device)
+    if env.device == "cpu":
+        fix_mmap_threshold(default=None)  # only where MEMTRAIN_MMAP_THRESHOLD asks: fixed, it costs step time (memtrain.memory.allocator)
     check_host_memory(cfg.data, pin_memory=env.device == "cuda")
     if resume is None:
         check_new_run_dir(cfg.run.out)

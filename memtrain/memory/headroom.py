@@ -14,8 +14,11 @@ A step of tensor peak ``T_phase`` (the fake-tensor estimate, per phase) on ``B``
 
 The defaults (:func:`default_model`) are: on CUDA, ``fraction`` 10 % and ``fixed`` 1 GiB,
 no workspace term (an assumption until ``memtrain calibrate`` measures it on the GPU);
-on a CPU, the workspace measured on this project's machine (``CPU_WORKSPACE``, see there),
-no fraction, and the process's own resident memory (``CPU_FIXED``) as the fixed part. ``memtrain calibrate`` writes a measured model to :func:`default_path`, which is
+on a CPU, oneDNN's working copy of the largest convolution operand (``CPU_WORKSPACE``, see there),
+3 % for the heap and page rounding (``CPU_FRACTION``) and the process's own resident memory
+(``CPU_FIXED``) as the fixed part; with glibc's mmap threshold fixed (:mod:`memtrain.memory.allocator`)
+this is within 10 % above the measured increase of a CPU step's peak resident memory
+(``benchmarks/results/cpu_bound.md``). ``memtrain calibrate`` writes a measured model to :func:`default_path`, which is
 then used instead; ``--headroom-model FILE`` names another.
 """
 
@@ -29,16 +32,21 @@ from pathlib import Path
 from memtrain.errors import ConfigError
 from memtrain.memory.scaling import cache_dir
 from memtrain.memory.units import fmt_bytes
+from memtrain.strategies.tile import ALIGN, auto_side
 
 PHASE_NAMES = ("forward", "backward", "optimizer")
 # oneDNN working memory of a CPU step, bytes per image pixel, per phase (a model file may add "<phase>@16-bit").
-# Measured on this project's 2-core machine (torch 2.14.1, 2 threads, native bf16 CPU kernels): the process's
-# peak RSS in a real step at 512² minus the same at 64² (one process, 64² first), less the tensor estimate's
-# increase, over 512² − 64² pixels. The measured increase varies between identical runs (none: 523 and 552 MiB;
-# amp,checkpoint:full: 155, 270 and 300 MiB), so one table bounds both plans' largest runs with about 10 % to spare:
-#   none: forward 517 − 383 = 134 MiB (545 B/px), backward 552 − 306 = 246 MiB (1,000 B/px);
-#   amp,checkpoint:full (300 MiB run): needs backward 300 + 390 − 412 = 278 MiB above its 512² tensors (1,112 B/px).
-CPU_WORKSPACE = {"forward": 650.0, "backward": 1300.0, "optimizer": 0.0}
+# A per-op term: while a convolution runs, oneDNN holds a copy of an operand in its blocked layout that never becomes a
+# tensor. Measured one convolution at a time (512², 2 threads, glibc's mmap threshold fixed): the copy is the size of the
+# input (32→16 channels: 31.7 MiB float32, 15.9 MiB bf16; 64→64 at 256²: 15.9 MiB; 1→64 stride 2: the output, 15.9 MiB),
+# 2x the input for a 1-channel output (the head, 16→1: 30.8 MiB). The U-Net's largest is a full-resolution map of 32
+# channels (decoder block 4's input; the head's 2 x 16): 32 x 4 = 128 bytes per pixel in float32, 64 in 16 bits.
+# Only one convolution runs at a time, so the step's peak gains at most the largest copy.
+CPU_WORKSPACE = {"forward": 128.0, "backward": 128.0, "optimizer": 0.0, "forward@16-bit": 64.0, "backward@16-bit": 64.0}
+# What is left, measured over whole steps (512² minus 64², `benchmarks/cpu_bound.py`): small blocks on glibc's heap, page
+# rounding of every mapping, the interpreter's objects. It is 1.0 % (none) and 2.5 % (amp) of the step's increase beyond
+# the tensors and the copy above; 3 % covers it (CPU_FRACTION applies to the whole step peak).
+CPU_FRACTION = 0.03
 # A CPU process's resident memory that is not the step's tensors and does not grow with the image (torch, oneDNN
 # and Lightning code and buffers, the interpreter): a real `none` step at 64² peaked at 1,152 MiB RSS for 390 MiB of tensors.
 CPU_FIXED = 768 * 2**20
@@ -57,7 +65,7 @@ class HeadroomModel:
 
     def bound(self, memory) -> int:
         """The step's memory before fraction and fixed: the largest phase's tensor peak plus its workspace."""
-        pixels = memory.batch_size * memory.size * memory.size
+        pixels = workspace_pixels(memory)
         low = any(s.split(":")[0] == "amp" for s in memory.strategies.split(","))
         return max(memory.peak(p) + math.ceil(self.per_pixel(p, low) * pixels) for p in PHASE_NAMES if p in memory.phases)
 
@@ -82,10 +90,31 @@ class HeadroomModel:
         return json.dumps({"format": FORMAT, **asdict(self)}, indent=2)
 
 
+def workspace_pixels(memory) -> int:
+    """The pixels the workspace term scales with: the batch's, or under ``tile`` one tile's window per image.
+
+    ``tile`` runs the full-resolution convolutions on windows of the tile side plus a 32-px halo on each side
+    (``memtrain.strategies.tile``; the halo of ResNet18/34), so their working copies are a window's, not the image's.
+    """
+    side = memory.size
+    for spec in memory.strategies.split(","):
+        name, _, variant = spec.partition(":")
+        if name == "tile":
+            tile = int(variant) if variant.isdigit() else auto_side(memory.size, memory.size)
+            side = min(memory.size, tile + 2 * ALIGN)
+    return memory.batch_size * side * side
+
+
 def default_model(device: str) -> HeadroomModel:
     if device == "cuda":
         return HeadroomModel(device="cuda", fraction=0.10, fixed=2**30, source="default: x1.10 + 1 GiB, not measured on a GPU (run `memtrain calibrate`)")
-    return HeadroomModel(device="cpu", workspace=dict(CPU_WORKSPACE), fixed=CPU_FIXED, source="default: oneDNN workspace measured on a 2-core CPU")
+    return HeadroomModel(
+        device="cpu",
+        workspace=dict(CPU_WORKSPACE),
+        fraction=CPU_FRACTION,
+        fixed=CPU_FIXED,
+        source="default: oneDNN working copy + 3 %, measured on a 2-core CPU",
+    )
 
 
 def default_path(device: str) -> Path:

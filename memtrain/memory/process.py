@@ -14,12 +14,18 @@ On Linux the kernel's high-water mark (``VmHWM`` in ``/proc/self/status``) is re
 each phase start by writing ``5`` to ``/proc/self/clear_refs``, and read at the phase end:
 exact, and free. Where that is not possible a thread samples the resident size every
 millisecond (:class:`_Sampler`), which can miss a peak shorter than that.
+
+Measurements (``compare`` cells, real ``measure_step`` runs, the benchmarks) fix glibc's mmap
+threshold first (:mod:`memtrain.memory.allocator`): with glibc's dynamic threshold the same
+step's peak varied by 2x between identical runs. ``fit`` leaves it dynamic unless asked.
 """
 
 from __future__ import annotations
 
 import re
 import threading
+
+from memtrain.memory import allocator
 
 _HWM = re.compile(r"VmHWM:\s+(\d+)\s+kB")
 _RSS = re.compile(r"VmRSS:\s+(\d+)\s+kB")
@@ -90,6 +96,9 @@ class ProcessBackend:
 
     def __init__(self) -> None:
         self.notes: list[str] = []
+        self.mmap_threshold = allocator.applied()
+        if self.mmap_threshold is None:
+            self.notes.append(f"process: glibc's mmap threshold dynamic (fixed only for measurements or with {allocator.ENV}=131072): peaks vary between runs")
         self.method = "clear_refs" if _reset_hwm() else "sampling"
         self._sampler = _Sampler() if self.method == "sampling" else None
         if self._sampler is not None:
