@@ -330,14 +330,18 @@ class Planner:
                 for c in group:
                     c.status, c.reason, c.measured_as = "skipped", f"expected slower than the {enough} fastest that fit", None
                 continue
-            self._run([c.measured_as for c in group])
-            for c in group:
-                key = c.measured_as
-                if c.measured_as == c.strategies:
-                    c.measured_as = None
-                self._settle(c, key)
-                fitting += bool(c.fits)
+            self._estimate_group(group)
+            fitting += sum(bool(c.fits) for c in group)
         return candidates
+
+    def _estimate_group(self, group: list[Candidate]) -> None:
+        """Estimate each candidate's ``measured_as`` (jobs in parallel) and settle it; ``measured_as`` stays only where it is another combination."""
+        self._run([c.measured_as for c in group])
+        for c in group:
+            key = c.measured_as
+            if key == c.strategies:
+                c.measured_as = None
+            self._settle(c, key)
 
     def _memory_key(self, c: Candidate) -> str:
         """The combination whose estimate ``c`` shares: ``c`` without the known memory-neutral strategies."""
@@ -429,12 +433,7 @@ class Planner:
                 continue
             for c in group:
                 c.measured_as = self._memory_key(c)
-            self._run([c.measured_as for c in group])
-            for c in group:
-                key = c.measured_as
-                if c.measured_as == c.strategies:
-                    c.measured_as = None
-                self._settle(c, key)
+            self._estimate_group(group)
             fitting = sorted((c for c in group if c.fits), key=lambda c: c.step_peak)
             if fitting and best is None:
                 best = fitting[0]
