@@ -132,9 +132,11 @@ def test_cpu_estimate_is_within_10_percent_above_the_measured_process_increase_a
 @pytest.mark.parametrize(("setting", "fit", "measurement"), [("", None, 131072), ("131072", 131072, 131072), ("default", None, None)])
 def test_fit_leaves_the_mmap_threshold_dynamic_unless_asked_and_measurements_fix_it(setting, fit, measurement):
     # fit calls fix_mmap_threshold(default=None) (the fixed threshold costs step time); compare cells, real measure_step
-    # runs and the benchmarks call fix_mmap_threshold(). Each in a fresh process: the setting is process-wide.
-    code = "import json, sys; from memtrain.memory import allocator; print(json.dumps(allocator.fix_mmap_threshold(**json.loads(sys.argv[1]))))"
-    for kwargs, want in (('{"default": null}', fit), ("{}", measurement)):
-        proc = subprocess.run([sys.executable, "-c", code, kwargs], env=cli_env(MEMTRAIN_MMAP_THRESHOLD=setting), capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 0, proc.stderr
-        assert json.loads(proc.stdout) == want, (setting, kwargs, proc.stdout)
+    # runs and the benchmarks call fix_mmap_threshold(). In a fresh process (the setting is process-wide), fit's call first.
+    code = (
+        "import json; from memtrain.memory import allocator; a = allocator.fix_mmap_threshold(default=None); "
+        "allocator._applied = None; print(json.dumps([a, allocator.fix_mmap_threshold()]))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(MEMTRAIN_MMAP_THRESHOLD=setting), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == [fit, measurement], (setting, proc.stdout)
