@@ -32,7 +32,7 @@ from pathlib import Path
 from memtrain.errors import ConfigError
 from memtrain.memory.scaling import cache_dir
 from memtrain.memory.units import fmt_bytes
-from memtrain.strategies.tile import ALIGN, auto_side
+from memtrain.strategies.tile import ALIGN, auto_side, parse_variant
 
 PHASE_NAMES = ("forward", "backward", "optimizer")
 # oneDNN working memory of a CPU step, bytes per image pixel, per phase (a model file may add "<phase>@16-bit").
@@ -93,15 +93,18 @@ class HeadroomModel:
 def workspace_pixels(memory) -> int:
     """The pixels the workspace term scales with: the batch's, or under ``tile`` one tile's window per image.
 
-    ``tile`` runs the full-resolution convolutions on windows of the tile side plus a 32-px halo on each side
-    (``memtrain.strategies.tile``; the halo of ResNet18/34), so their working copies are a window's, not the image's.
+    ``tile`` runs the full-resolution convolutions on windows of the tile side plus a halo on each side
+    (``memtrain.strategies.tile``: 32 px for ResNet18/34, 64 px in the lean form's decoder region), so their
+    working copies are a window's, not the image's.
     """
     side = memory.size
     for spec in memory.strategies.split(","):
         name, _, variant = spec.partition(":")
-        if name == "tile":
-            tile = int(variant) if variant.isdigit() else auto_side(memory.size, memory.size)
-            side = min(memory.size, tile + 2 * ALIGN)
+        parsed = parse_variant(variant or "auto") if name == "tile" else None
+        if parsed is not None:
+            lean, tile = parsed
+            halo = 2 * ALIGN if lean else ALIGN
+            side = min(memory.size, (tile or auto_side(memory.size, memory.size)) + 2 * halo)
     return memory.batch_size * side * side
 
 
