@@ -69,7 +69,7 @@ class OffloadSavedTensors(saved_tensors_hooks):
         if cached is not None and cached[0] == t._version:
             return cached[1]
         if _is_fake(t):  # contiguous, as the real host copy below (a strided view's copy holds only its elements)
-            host = torch.empty(t.size(), dtype=t.dtype, device="meta")
+            host = torch.empty_strided(t.size(), _contiguous_stride(t.size()), dtype=t.dtype, device="meta")
         else:
             host = torch.empty(t.size(), dtype=t.dtype, layout=t.layout, pin_memory=self.pin and not t.is_sparse)
             host.copy_(t, non_blocking=self.pin)
@@ -103,6 +103,15 @@ class OffloadSavedTensors(saved_tensors_hooks):
         if self.outer is not None:
             return self.outer[1](tree_map(self._to_device, packed))
         return self._to_device(packed)
+
+
+def _contiguous_stride(size) -> tuple[int, ...]:
+    """The strides of ``torch.empty(size)``."""
+    stride, step = [], 1
+    for n in reversed(size):
+        stride.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(stride))
 
 
 class _Host:
