@@ -1,4 +1,4 @@
-"""How far float32 rounding carries a short Adam run: tiled vs untiled, and untiled vs itself with its input one ulp away.
+"""How far float32 rounding carries a short Adam run: tiled vs untiled, with and without ATen's CPU rounding of BatchNorm's statistics, and untiled vs itself with its input one ulp away.
 
 The issue-11 done-when compares ``memtrain fit --strategies tile:128 --size 256 --seed 3 --max-steps 3``
 with the same run without ``tile`` (configs/ci-tiny.yaml: ResNet18 U-Net, zero head, Adam lr 1e-3; one
@@ -7,7 +7,10 @@ script runs that training in-process — the same data, seed and model, so its f
 CLI's ``metrics.csv`` values — and separates three questions:
 
 * is the tiled step the untiled one? (float64 tiled vs float64 untiled: rounding is 1e-16 there);
-* how far apart are the float32 tiled and untiled runs? (the done-when);
+* how far apart are the float32 tiled and untiled runs? (the done-when) — as ``tile`` trains on a CPU
+  (``cpu_rounding``: BatchNorm's statistics and output rounded as ATen's CPU kernel rounds them, so the
+  tiled forward is the untiled one bit for bit and only the backward sums in another order), and
+  without that rounding (one statistics sweep, the GPU's form);
 * how far does float32 carry the *untiled* run when nothing but rounding changes? The untiled run
   again with every input pixel moved by one float32 ulp (``torch.nextafter``: 1.2e-7 relative, far
   below a 16-bit radiograph's resolution of 1.5e-5) — the floor any other float32 ordering of the
@@ -37,11 +40,11 @@ from memtrain.model import build_model
 from memtrain.strategies.tile import apply_tiling
 
 
-def run(base: torch.nn.Module, data, dtype: torch.dtype, lr: float, tile: int | None, ulp: bool) -> tuple[list[float], list[dict]]:
+def run(base: torch.nn.Module, data, dtype: torch.dtype, lr: float, tile: int | None, ulp: bool, cpu_rounding: bool = True) -> tuple[list[float], list[dict]]:
     """Losses and each step's parameter updates of Adam on ``data`` (each update a dict name -> float64 tensor)."""
     model = copy.deepcopy(base).to(dtype)
     if tile:
-        apply_tiling(model, tile)
+        apply_tiling(model, tile, cpu_rounding=cpu_rounding)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = MSSSIMLoss()
     losses, updates = [], []
@@ -73,13 +76,14 @@ def main() -> None:
     x, y = train[0]
     data = [(x[None], y[None])] * args.steps  # --train-images 1 --batch-size 1: the same image every step
     runs = {
-        "untiled float32": (torch.float32, None, False),
-        f"tile:{args.tile} float32": (torch.float32, args.tile, False),
-        "untiled float32, input +1 ulp": (torch.float32, None, True),
-        "untiled float64": (torch.float64, None, False),
-        f"tile:{args.tile} float64": (torch.float64, args.tile, False),
+        "untiled float32": (torch.float32, None, False, True),
+        f"tile:{args.tile} float32": (torch.float32, args.tile, False, True),
+        f"tile:{args.tile} float32, one sweep": (torch.float32, args.tile, False, False),
+        "untiled float32, input +1 ulp": (torch.float32, None, True, True),
+        "untiled float64": (torch.float64, None, False, True),
+        f"tile:{args.tile} float64": (torch.float64, args.tile, False, True),
     }
-    results = {name: run(base, data, dtype, args.lr, tile, ulp) for name, (dtype, tile, ulp) in runs.items()}
+    results = {name: run(base, data, dtype, args.lr, tile, ulp, cpu) for name, (dtype, tile, ulp, cpu) in runs.items()}
     ref_losses, ref_updates = results["untiled float32"]
     print(f"{'run':32s} " + " ".join(f"{'step ' + str(s + 1):>12s}" for s in range(args.steps)))
     for name, (losses, updates) in results.items():

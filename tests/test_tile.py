@@ -61,8 +61,37 @@ def test_tiled_step_equals_the_untiled_step(warmed, size, side, dtype):
     assert not bad, bad
 
 
+def test_float32_cpu_forward_is_the_untiled_forward_bit_for_bit(warmed):
+    """`tile` on a CPU target (cpu_rounding): BatchNorm statistics as ATen's CPU kernel sums and rounds them, x·α + β
+    in one rounding, so output, loss and every BN buffer are the untiled step's bits; gradients within TOL (another
+    order of the backward's sums). Mechanism: a second statistics sweep per BN for float32 inputs, none for float64."""
+    x, y = phantom_batch(128, n=2, first=5)
+    plain, tiled = warmed(), create("tile:64").transform(warmed())
+    ref, got = _step(plain, x, y), _step(tiled, x, y)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    assert [n for n in ref[3] if not torch.equal(got[3][n], ref[3][n])] == []
+    assert [n for n in ref[2] if not _close(got[2][n], ref[2][n])] == []
+    tiles, e_bns, d_bns = 4, 1 + 4, 6
+    assert tiling_of(tiled).cpu_rounding
+    assert tiling_of(tiled).counters.forward == {"encoder": (2 * e_bns + 1) * tiles, "decoder": (2 * d_bns + 1) * tiles}
+    wide = create("tile:64").transform(warmed().double())
+    wide(x.double())
+    assert tiling_of(wide).counters.forward == {"encoder": (e_bns + 1) * tiles, "decoder": (d_bns + 1) * tiles}
+
+
+def test_cpu_rounding_follows_the_target_not_the_machine_an_estimate_runs_on(warmed):
+    """A CUDA step's memory estimate runs on CPU fake tensors: its tile keeps the GPU's one statistics sweep."""
+    from memtrain.memory.estimate import execution_plan
+    from memtrain.memory.planner import default_target
+
+    for env, want in ((default_target(), False), (Environment(device="cpu"), True)):
+        _, run_plan, device = execution_plan("tile", env, fake=True)
+        assert device.type == "cpu" and run_plan.get("tile").env.target == env.device
+        assert tiling_of(run_plan.get("tile").transform(warmed())).cpu_rounding is want
+
+
 def test_sweep_schedule_and_tiles(warmed):
-    """Each region runs every tile once per BN sweep plus once for its output (forward) / final backward."""
+    """Each region runs every tile once per BN sweep plus once for its output (forward) / final backward (one statistics sweep: GPU form)."""
     model = apply_tiling(warmed(), 64)
     x, y = phantom_batch(96, n=1, first=1)
     MSSSIMLoss()(model(x), y).backward()
@@ -193,13 +222,13 @@ def test_fp16_with_its_grad_scaler_composes_with_tile(warmed):
 FIT = ["fit", "--config", str(ROOT / "configs" / "ci-tiny.yaml"), "--size", "256", "--seed", "3", "--max-steps", "3"]
 FIT += ["--batch-size", "1", "--train-images", "1", "--epochs", "3", "--limit-val-batches", "0", "--samples", "0", "--no-memory"]
 LR = 1e-3
-# Where float32 Adam runs part (steps >= 3): with the zero head, step 2 is every other parameter's first Adam update,
-# ±lr whatever the gradient's size, and the middle's gradients (|g| ~ 1e-7) sit at float32's noise floor, so any
-# change of rounding flips some of them and step 3's loss shows it. experiments/tile_rounding.py (this run in-process,
-# same losses) measures the floor: step-3 loss relative to the untiled float32 run — tiled 1.3e-4, untiled with its
-# input one float32 ulp away 8.2e-5, exact (float64, tiled == untiled to 1.5e-14) 5.4e-5. Steps 1-2 hold the issue's
-# 1e-5; step 3, the parameters and the buffers are bounded at a few times that floor (docs/strategies/tile.md).
-STEP3_LOSS, FLIPPED, BUFFERS = 5e-4, 0.05, 5e-3
+# All three steps within the issue's 1e-5. What makes step 3 hold: with the zero head, step 2 is every other
+# parameter's first Adam update, ±lr whatever the gradient's size, and the middle's gradients (|g| ~ 1e-7) sit at
+# float32's noise floor, so a change of rounding in the forward flips thousands of them and step 3's loss shows it
+# (1.3e-4 with one statistics sweep). On a CPU tile's forward is the untiled forward bit for bit (cpu_rounding), and
+# only the backward's sums differ: measured 9 of 14.3 M parameters apart by more than lr/2 after step 3, BatchNorm
+# buffers 7.9e-6 of their max (experiments/tile_rounding.py, docs/strategies/tile.md).
+LOSS, FLIPPED, BUFFERS = 1e-5, 1e-4, 1e-4
 
 
 def _fit(spec: str, out) -> subprocess.Popen:
@@ -224,8 +253,7 @@ def test_cli_fit_with_tile_logs_the_untiled_losses(tmp_path):
         states[spec] = torch.load(out / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     ref, got = losses["none"], losses["tile:128"]
     rel = [abs(a - b) / abs(b) for a, b in zip(got, ref)]
-    assert rel[0] <= 1e-5 and rel[1] <= 1e-5, (got, ref)
-    assert rel[2] <= STEP3_LOSS, (got, ref)
+    assert max(rel) <= LOSS, (got, ref)
     assert ref[2] < ref[0] - 0.1  # it trains: the comparison is not between two flat runs
     plain, tiled = states["none"], states["tile:128"]
     assert plain.keys() == tiled.keys()

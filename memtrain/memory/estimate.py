@@ -90,7 +90,7 @@ def execution_plan(strategies, env, fake: bool):
     if device != env.device:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            run_plan = Plan.resolve(plan.specs, Environment(device=device, native_bf16=False))
+            run_plan = Plan.resolve(plan.specs, Environment(device=device, native_bf16=False, stands_in_for=env.device))
     torch_device = torch.device("cuda", torch.cuda.current_device()) if device == "cuda" else torch.device("cpu")
     return plan, run_plan, torch_device
 

@@ -106,6 +106,12 @@ class Environment:
 
     device: str = "cpu"  # "cpu" or "cuda"
     native_bf16: bool = False  # bf16 kernels exist in hardware (CUDA >= sm80, or a CPU with AVX512-BF16/AMX)
+    stands_in_for: str | None = None  # the device a step run here models (a CUDA step's memory estimate on CPU fake tensors); None: this one
+
+    @property
+    def target(self) -> str:
+        """The device whose step this is: :attr:`stands_in_for`, else :attr:`device` (e.g. whose kernels' rounding ``tile`` mirrors)."""
+        return self.stands_in_for or self.device
 
     @classmethod
     def detect(cls, accelerator: str = "auto") -> Environment:

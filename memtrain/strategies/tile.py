@@ -40,8 +40,12 @@ r_after + r_before ≤ r; values further out are wrong but multiplied by zero gr
 BatchNorm k in execution order one no-grad sweep runs every tile up to BN k (earlier BNs use
 their already fixed statistics), accumulates Σx, Σx² of BN k's input over the tile's interior
 at that resolution (interiors partition every layer: the sums are exact; float64), and aborts
-the tile. Then BN k's mean/biased variance are fixed and its running statistics updated as
-``nn.BatchNorm2d`` does. A last sweep produces the output. Backward, by linearity: with fixed
+the tile; training on a CPU in float32, a second such sweep sums Σ(x − mean)² as ATen's CPU
+kernel does (:class:`_StatsSums`). Then BN k's mean/biased variance are fixed, rounded as that
+kernel rounds them, and its running statistics updated as ``nn.BatchNorm2d`` does. A last sweep
+produces the output. Each BN applies ``x·α + β`` in one rounding, as the kernel does, so on a
+CPU the float32 tiled forward equals the untiled forward bit for bit (convolutions give the
+same bits on a window as on the whole image); the backward sums in another order. Backward, by linearity: with fixed
 statistics ``dx = γ/σ·(g − S1/N − x̂·S2/N)``, S1 = Σg, S2 = Σg·x̂. Per tile the region output's
 gradient masked to the tile's interior is injected, and at each BN the correction
 ``−γ/σ·(S1/N + x̂·S2/N)`` masked to the tile's interior; summed over tiles this is the exact
@@ -200,8 +204,9 @@ class _FixedBN(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, st, corr):
+        # CPU rounding (beta4 set): x·α + β in one rounding, as ATen's CPU kernel (α = scale4); else (x − mean)·scale + bias
         cd = st.mean4.dtype
-        y = (x.to(cd) - st.mean4) * st.scale4 + st.bias4
+        y = torch.addcmul(st.beta4, x.to(cd), st.scale4) if st.beta4 is not None else (x.to(cd) - st.mean4) * st.scale4 + st.bias4
         ctx.save_for_backward(x)
         ctx.st, ctx.corr, ctx.wdtype = st, corr, weight.dtype
         return y.to(x.dtype)
@@ -236,8 +241,9 @@ class _Stats:
     invstd4: torch.Tensor = field(init=False)
     scale4: torch.Tensor = field(init=False)  # γ·invstd (1 without affine)
     bias4: torch.Tensor = field(init=False)  # β (0 without affine)
+    beta4: torch.Tensor | None = field(init=False)  # CPU rounding: the forward's constant term β − mean·α in one rounding (α = scale4)
 
-    def prepare(self, bn: nn.BatchNorm2d) -> _Stats:
+    def prepare(self, bn: nn.BatchNorm2d, cpu_rounding: bool) -> _Stats:
         """Fix the per-channel tensors from ``bn``'s current affine parameters (they do not change within a step)."""
         cd = self.mean.dtype
         self.mean4, self.invstd4 = self.mean.view(1, -1, 1, 1), self.invstd.view(1, -1, 1, 1)
@@ -245,6 +251,7 @@ class _Stats:
             w = bn.weight.detach().to(cd).view(1, -1, 1, 1) if bn.weight is not None else torch.ones_like(self.mean4)
             self.scale4 = w * self.invstd4
             self.bias4 = bn.bias.detach().to(cd).view(1, -1, 1, 1) if bn.bias is not None else torch.zeros_like(self.mean4)
+            self.beta4 = torch.addcmul(self.bias4, self.mean4, self.scale4, value=-1) if cpu_rounding else None
         return self
 
 
@@ -265,7 +272,7 @@ class _BNSession:
     stats: dict
     mode: str = "apply"
     target: nn.Module | None = None
-    acc: list | None = None
+    acc: _StatsSums | None = None
     sums: dict = field(default_factory=dict)
     start: nn.Module | None = None
     captured: tuple | None = None
@@ -275,10 +282,7 @@ class _BNSession:
             return F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
         if self.mode == "stats" and bn is self.target:
             ys, xs = self.tile.interior(x)
-            xi = x[..., ys, xs].double()
-            self.acc[0] += xi.sum((0, 2, 3))
-            self.acc[1] += (xi * xi).sum((0, 2, 3))
-            self.acc[2] += xi.numel() // xi.shape[1]
+            self.acc.add(x[..., ys, xs])
             raise _Abort
         st = self.stats[bn]
         corr = None
@@ -299,19 +303,86 @@ def _batch_dependent(bn: nn.BatchNorm2d) -> bool:
     return bn.training or bn.running_mean is None
 
 
-def _finish_stats(bn: nn.BatchNorm2d, acc: list, update: bool) -> _Stats:
-    """Mean and biased variance from the sums; running statistics updated as ``nn.BatchNorm2d`` does."""
-    s1, s2, n = acc
-    mean = s1 / n
-    var = (s2 / n - mean * mean).clamp_min(0)
-    if update and bn.training and bn.track_running_stats and bn.running_mean is not None:
+@dataclass
+class _StatsSums:
+    """One batch-dependent BN's statistics sweeps: Σx and Σx² (float64) over every tile's interior; on a CPU
+    (:attr:`Tiling.cpu_rounding`) and for a float32 input, a second sweep for Σ(x − mean)² with each difference and
+    square rounded to float32 (``mean`` set).
+
+    Why the second sweep: it is how ATen's CPU kernel computes the variance (the mean summed in float64 and rounded to
+    float32; each (x − mean)² in float32, summed in float64, the sum rounded to float32), so the statistics, and with
+    :class:`_FixedBN`'s rounding the whole tiled forward, are the untiled forward's bit for bit (tests/test_tile.py).
+    Σx² − N·mean² agrees to float64 rounding but lands a float32 ulp off now and then, and one ulp in one channel
+    changes every later value a little. It costs one more partial no-grad sweep per BN (``tile``'s FLOPs at 512²:
+    3.98× the plain step instead of 3.39×). 16-bit inputs (``amp``), float64 and GPUs (whose kernels round
+    otherwise) keep the one sweep.
+    """
+
+    s1: torch.Tensor
+    s2: torch.Tensor
+    count: int = 0
+    dtype: torch.dtype | None = None  # the BN input's dtype, seen by the first sweep
+    mean: torch.Tensor | None = None  # (1, C, 1, 1) in float32: the second sweep's, once the first is done
+    var_sum: torch.Tensor | None = None  # Σ(x − mean)² of the second sweep (float64)
+
+    @classmethod
+    def zeros(cls, like: torch.Tensor, channels: int) -> _StatsSums:
+        return cls(like.new_zeros(channels, dtype=torch.float64), like.new_zeros(channels, dtype=torch.float64))
+
+    def add(self, xi: torch.Tensor) -> None:
+        if self.mean is None:
+            xd = xi.double()
+            self.s1 += xd.sum((0, 2, 3))
+            self.s2 += (xd * xd).sum((0, 2, 3))
+            self.count += xi.numel() // xi.shape[1]
+            self.dtype = xi.dtype
+        else:
+            d = xi - self.mean
+            self.var_sum += (d * d).double().sum((0, 2, 3))
+
+    def second_sweep(self, cpu_rounding: bool) -> bool:
+        """After the first sweep: whether a second one is due (``cpu_rounding`` and a float32 input), with its mean fixed."""
+        if not cpu_rounding or self.dtype != torch.float32 or self.mean is not None:
+            return False
+        self.mean = (self.s1 / self.count).float().view(1, -1, 1, 1)
+        self.var_sum = torch.zeros_like(self.s1)
+        return True
+
+
+def _update_running(bn: nn.BatchNorm2d, mean: torch.Tensor, unbiased: torch.Tensor, factor: float) -> None:
+    """ATen's CPU update with its roundings: the momentum in the buffers' dtype, the mean's update in it too, the
+    variance's sum widened (``m·var`` in double, ``(1 − m)·running_var`` in the buffer's dtype)."""
+    rm, rv = bn.running_mean, bn.running_var
+    m = torch.tensor(factor, dtype=rm.dtype)
+    with torch.no_grad():
+        rm.copy_(m * mean.to(rm.dtype) + (1 - m) * rm)
+        rv.copy_((m.double() * unbiased.to(rv.dtype).double() + ((1 - m) * rv).double()).to(rv.dtype))
+
+
+def _bn_dtype(bn: nn.BatchNorm2d) -> torch.dtype:
+    return torch.float64 if bn.weight is not None and bn.weight.dtype == torch.float64 else torch.float32
+
+
+def _finish_stats(bn: nn.BatchNorm2d, acc: _StatsSums, update: bool, cpu_rounding: bool) -> _Stats:
+    """Mean and biased variance from the sums (after a second sweep rounded as ATen's CPU kernel rounds them, else in
+    float64); running statistics updated as ``nn.BatchNorm2d`` does."""
+    cd, n = _bn_dtype(bn), acc.count
+    tracked = update and bn.training and bn.track_running_stats and bn.running_mean is not None
+    if tracked:
+        bn.num_batches_tracked.add_(1)
+        factor = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
+    if acc.var_sum is not None:
+        mean, var_sum = acc.mean.view(-1), acc.var_sum.to(cd)
+        if tracked:
+            _update_running(bn, mean, var_sum / max(n - 1, 1), factor)
+        return _Stats(mean, (1 / torch.sqrt((var_sum / n).double() + bn.eps)).to(cd), n).prepare(bn, cpu_rounding)
+    mean = acc.s1 / n
+    var = (acc.s2 / n - mean * mean).clamp_min(0)
+    if tracked:
         with torch.no_grad():
-            bn.num_batches_tracked.add_(1)
-            factor = (1.0 / float(bn.num_batches_tracked)) if bn.momentum is None else bn.momentum
             bn.running_mean.mul_(1 - factor).add_((mean * factor).to(bn.running_mean.dtype))
             bn.running_var.mul_(1 - factor).add_((var * (n / max(n - 1, 1)) * factor).to(bn.running_var.dtype))
-    cd = torch.float64 if bn.weight is not None and bn.weight.dtype == torch.float64 else torch.float32
-    return _Stats(mean.to(cd), torch.rsqrt(var + bn.eps).to(cd), n).prepare(bn)
+    return _Stats(mean.to(cd), torch.rsqrt(var + bn.eps).to(cd), n).prepare(bn, cpu_rounding)
 
 
 # -- regions --------------------------------------------------------------------------------------
@@ -360,13 +431,15 @@ class _Region:
         for bn in self.owned:
             if not _batch_dependent(bn):
                 continue
-            ref = inputs[0]
-            acc = [ref.new_zeros(bn.num_features, dtype=torch.float64), ref.new_zeros(bn.num_features, dtype=torch.float64), 0]
-            for t in tiles:
-                with contextlib.suppress(_Abort):
-                    self._run(_BNSession(t, stats, mode="stats", target=bn, acc=acc), inputs, grad=False)
-            self.tiling.counters.add(count, self.name, len(tiles))
-            stats[bn] = _finish_stats(bn, acc, update)
+            acc = _StatsSums.zeros(inputs[0], bn.num_features)
+            while True:  # Σx and Σx², then for a float32 input Σ(x − mean)² (_StatsSums)
+                for t in tiles:
+                    with contextlib.suppress(_Abort):
+                        self._run(_BNSession(t, stats, mode="stats", target=bn, acc=acc), inputs, grad=False)
+                self.tiling.counters.add(count, self.name, len(tiles))
+                if not acc.second_sweep(self.tiling.cpu_rounding):
+                    break
+            stats[bn] = _finish_stats(bn, acc, update, self.tiling.cpu_rounding)
         out = None
         for t in tiles:  # each tile's body is a method call, so nothing of one tile is alive while the next runs
             out = self._output_tile(t, inputs, stats, out)
@@ -563,12 +636,15 @@ class Tiling:
 
     ``lean``: the decoder region recomputes E per tile instead of taking ``f2`` whole, and the
     middle drops its whole tensors once read (see the module docstring); False: ``tile``'s program.
+    ``cpu_rounding``: float32 BatchNorm statistics take ATen's CPU kernel's second variance sweep
+    (:class:`_StatsSums`); the ``tile`` strategy sets it for a CPU target.
     """
 
-    def __init__(self, model: nn.Module, side: int | None, *, lean: bool = False) -> None:
+    def __init__(self, model: nn.Module, side: int | None, *, lean: bool = False, cpu_rounding: bool = False) -> None:
         self.model = model
         self.side = side  # None: auto from the input size
         self.lean = lean
+        self.cpu_rounding = cpu_rounding  # float32 BN statistics rounded as ATen's CPU kernel (_StatsSums): for CPU training
         self.active: _BNSession | None = None
         self.step_stats: dict = {}
         self.counters = Counters()
@@ -686,14 +762,14 @@ def unsupported(model: nn.Module) -> str | None:
     return None
 
 
-def apply_tiling(model: nn.Module, side: int | None, *, lean: bool = False) -> nn.Module:
-    """Install the tiled program into ``model`` (in place); ``side`` None picks it from each input's size; ``lean``: see :class:`Tiling`."""
+def apply_tiling(model: nn.Module, side: int | None, *, lean: bool = False, cpu_rounding: bool = False) -> nn.Module:
+    """Install the tiled program into ``model`` (in place); ``side`` None picks it from each input's size; ``lean``, ``cpu_rounding``: see :class:`Tiling`."""
     problem = unsupported(model)
     if problem is not None:
         raise StrategyError(f"tile: needs {NEEDS}; {problem}")
     if tiling_of(model) is not None:
         raise StrategyError("tile: the model is already tiled")
-    tiling = Tiling(model, side, lean=lean)
+    tiling = Tiling(model, side, lean=lean, cpu_rounding=cpu_rounding)
     model.forward = tiling
     object.__setattr__(model, _MARK, tiling)
     return model
@@ -762,9 +838,12 @@ class Tile(Strategy):
     peak still grows ~11× from 1024² to 4096² (16× the pixels). Time paid: extra passes over
     the tiled stages — BatchNorm with whole-batch statistics costs one partial no-grad sweep
     per BN in forward and one recompute + partial backward per BN in backward, plus the halo:
-    3.4× the FLOPs of the plain step, 4.0–4.1× its CPU time at 512². Accuracy risk: none — in
-    float64 outputs, gradients and BatchNorm buffers equal the untiled step to 1e-8; in
-    float32 they differ by summation order only (see docs/strategies/tile.md).
+    3.4× the FLOPs of the plain step at 512²; training on a CPU in float32, a second statistics
+    sweep per BN (:class:`_StatsSums`) makes it 3.98× the FLOPs and 4.8× the CPU time. Accuracy
+    risk: none — in float64 outputs, gradients and BatchNorm buffers equal the untiled step to
+    1e-8; in float32 on a CPU the forward (output, loss, BatchNorm buffers) is the untiled forward
+    bit for bit and the gradients differ by the backward's summation order only; on a GPU the
+    statistics round differently from cuDNN's (see docs/strategies/tile.md).
 
     ``tile:lean`` (``tile:lean-PX`` with a given side) also keeps ``f2`` out of the middle: the
     decoder region recomputes the stem and ``layer1`` per tile (module docstring, "Lean").
@@ -774,7 +853,8 @@ class Tile(Strategy):
     planner's default headroom, where ``tile`` needs 2.17 GiB), 2,588 MiB at 8192² (``tile``:
     553, 1,093, 3,253); activation peak ~7.9× from 1024² to 4096² (``tile``: 10.6×). Time paid: the decoder region's sweeps run E again (one more
     backward sweep per BatchNorm of E) and its halo doubles to 64 px: 7.0× the FLOPs of the
-    plain step, 8.7× its CPU time at 512² (twice ``tile``'s). Accuracy risk: none, as ``tile``.
+    plain step at 512² (twice ``tile``'s; float32 on a CPU 8.0× the FLOPs and 9.6× the CPU time).
+    Accuracy risk: none, as ``tile``.
     Plans try it only where nothing else fits (:meth:`plan_options`).
     """
 
@@ -800,13 +880,14 @@ class Tile(Strategy):
             " or in place of the few tile plans with the smallest step peaks when no plan fits the budget"
         )
 
-    # CPU: measured by benchmarks/tile.py at 512² (auto side 256, 2 × 2 tiles; process time, interleaved):
-    # tile 4.02× `none`, FLOPs 3.39× (4.11× in the rerun that added tile:lean); tile:lean 8.69×, FLOPs 6.98×.
-    # GPU: assumed the FLOP ratio (not measured on a GPU).
+    # CPU: measured by benchmarks/tile.py at 512² (auto side 256, 2 × 2 tiles; process time, interleaved), float32
+    # with the CPU rounding's second statistics sweep: tile 4.81× `none` (FLOPs 3.98×), tile:lean 9.57× (FLOPs 8.04×);
+    # under amp (one sweep) amp,tile,checkpoint:full,quant 3.11× (FLOPs 3.60×).
+    # GPU: assumed the FLOP ratio of the one-sweep form (3.39×, lean 6.98×; not measured on a GPU).
     time_cost = 3.4
-    time_cost_cpu = 4.0
+    time_cost_cpu = 4.8
     lean_time_cost = 7.0
-    lean_time_cost_cpu = 8.7
+    lean_time_cost_cpu = 9.6
 
     @classmethod
     def declared_time(cls, variant: str | None, device: str) -> float:
@@ -864,7 +945,7 @@ class Tile(Strategy):
                 )
 
     def transform(self, model: nn.Module) -> nn.Module:
-        return apply_tiling(model, self.side, lean=self.lean)
+        return apply_tiling(model, self.side, lean=self.lean, cpu_rounding=self.env.target == "cpu")
 
 
 __all__ = [
