@@ -853,7 +853,7 @@ class Tile(Strategy):
     planner's default headroom, where ``tile`` needs 2.17 GiB), 2,588 MiB at 8192² (``tile``:
     553, 1,093, 3,253); activation peak ~7.9× from 1024² to 4096² (``tile``: 10.6×). Time paid: the decoder region's sweeps run E again (one more
     backward sweep per BatchNorm of E) and its halo doubles to 64 px: 7.0× the FLOPs of the
-    plain step at 512² (twice ``tile``'s; float32 on a CPU 8.0× the FLOPs and 9.6× the CPU time).
+    plain step at 512² (twice ``tile``'s; float32 on a CPU 8.0× the FLOPs and 9.7× the CPU time).
     Accuracy risk: none, as ``tile``.
     Plans try it only where nothing else fits (:meth:`plan_options`).
     """
@@ -881,13 +881,13 @@ class Tile(Strategy):
         )
 
     # CPU: measured by benchmarks/tile.py at 512² (auto side 256, 2 × 2 tiles; process time, interleaved), float32
-    # with the CPU rounding's second statistics sweep: tile 4.81× `none` (FLOPs 3.98×), tile:lean 9.57× (FLOPs 8.04×);
-    # under amp (one sweep) amp,tile,checkpoint:full,quant 3.11× (FLOPs 3.60×).
+    # with the CPU rounding's second statistics sweep: tile 4.78× `none` (FLOPs 3.98×), tile:lean 9.69× (FLOPs 8.04×);
+    # under amp (one sweep) amp,tile,checkpoint:full,quant 3.04× (FLOPs 3.60×).
     # GPU: assumed the FLOP ratio of the one-sweep form (3.39×, lean 6.98×; not measured on a GPU).
     time_cost = 3.4
     time_cost_cpu = 4.8
     lean_time_cost = 7.0
-    lean_time_cost_cpu = 9.6
+    lean_time_cost_cpu = 9.7
 
     @classmethod
     def declared_time(cls, variant: str | None, device: str) -> float:
