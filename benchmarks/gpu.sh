@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of issue 14, in one script (about 6-8 minutes on one GPU). Writes benchmarks/results/gpu_*.md.
+# The GPU checks of issues 14 and 11, in one script (about 8-10 minutes on one GPU). Writes benchmarks/results/gpu_*.md.
 #
 #   benchmarks/gpu.sh              run it (needs a CUDA GPU; without one it says so and exits 2)
 #   benchmarks/gpu.sh --dry-run    print the commands without running them (works anywhere)
@@ -10,6 +10,10 @@
 #    amp,checkpoint:full at 512, 1024, 2048 px -> gpu_tracker_accuracy.md (+ .csv).
 # 3. Step time of the main plans against none, measured side by side (memtrain compare, 1024 px) -> gpu_step_time.md.
 # 4. An amp:fp16 training run with its GradScaler (20 steps at 512 px): finite losses, the scale -> gpu_amp_fp16.md.
+# 5. tile on the GPU (issue 11): allocator peaks and step time of the tile plans against none and the best untiled
+#    plan, side by side (memtrain compare, 1024 and 2048 px) -> gpu_tile.md; and issue 11's float32 done-when on the
+#    GPU, where tile keeps its one statistics sweep (cuDNN's BatchNorm is not mirrored): `memtrain fit --size 256
+#    --seed 3 --max-steps 3` with and without tile:128, the logged losses side by side -> gpu_tile_exactness.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 RESULTS=benchmarks/results
@@ -59,4 +63,29 @@ print("\n".join(lines))
 sys.exit(0 if ok else 1)
 PYEOF
 fi
+run $PY -m memtrain compare --strategies "none;amp,checkpoint:full,quant;amp,tile;amp,tile,checkpoint:full,quant;amp,tile,offload;amp,tile:lean,offload" \
+    --sizes 1024,2048 --steps 3 --out "$WORK/tile"
+[[ $DRY == 0 ]] && cp "$WORK/tile/compare.md" "$RESULTS/gpu_tile.md"
+
+TINY=(--config configs/ci-tiny.yaml --size 256 --seed 3 --max-steps 3 --batch-size 1 --train-images 1 --epochs 3
+      --limit-val-batches 0 --samples 0 --no-memory)
+run $PY -m memtrain fit "${TINY[@]}" --out "$WORK/untiled"
+run $PY -m memtrain fit "${TINY[@]}" --strategies tile:128 --out "$WORK/tiled"
+if [[ $DRY == 0 ]]; then
+    $PY - "$WORK/untiled" "$WORK/tiled" "$RESULTS/gpu_tile_exactness.md" <<'PYEOF'
+import csv, sys, torch
+from pathlib import Path
+import memtrain
+ref, got = ([float(r["train_loss"]) for r in csv.DictReader((Path(d) / "metrics.csv").open())] for d in sys.argv[1:3])
+lines = [f"# tile:128 vs untiled, float32, on {torch.cuda.get_device_name()}", "",
+         f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, memtrain {memtrain.__version__}", "",
+         "Command: `memtrain fit --config configs/ci-tiny.yaml --size 256 --seed 3 --max-steps 3 ...` with and without"
+         " `--strategies tile:128` (benchmarks/gpu.sh). Issue 11 asks for 1e-5 relative; on a CPU all three steps hold it.", "",
+         "| step | untiled | tile:128 | relative difference |", "|---:|---:|---:|---:|"]
+lines += [f"| {i + 1} | {a:.6f} | {b:.6f} | {abs(a - b) / abs(a):.1e} |" for i, (a, b) in enumerate(zip(ref, got))]
+Path(sys.argv[3]).write_text("\n".join(lines) + "\n")
+print("\n".join(lines))
+PYEOF
+fi
+
 echo "benchmarks/gpu.sh: done in $(( $(date +%s) - start )) s; results in $RESULTS/gpu_*" >&2
