@@ -313,9 +313,8 @@ class _StatsSums:
     float32; each (x − mean)² in float32, summed in float64, the sum rounded to float32), so the statistics, and with
     :class:`_FixedBN`'s rounding the whole tiled forward, are the untiled forward's bit for bit (tests/test_tile.py).
     Σx² − N·mean² agrees to float64 rounding but lands a float32 ulp off now and then, and one ulp in one channel
-    changes every later value a little. It costs one more partial no-grad sweep per BN (``tile``'s FLOPs at 512²:
-    3.98× the plain step instead of 3.39×). 16-bit inputs (``amp``), float64 and GPUs (whose kernels round
-    otherwise) keep the one sweep.
+    changes every later value a little. It costs one more partial no-grad sweep per BN (what that costs: :class:`Tile`).
+    16-bit inputs (``amp``), float64 and GPUs (whose kernels round otherwise) keep the one sweep.
     """
 
     s1: torch.Tensor
