@@ -76,7 +76,7 @@ if [[ $DRY == 0 ]]; then
 import csv, sys, torch
 from pathlib import Path
 import memtrain
-ref, got = ([float(r["train_loss"]) for r in csv.DictReader((Path(d) / "metrics.csv").open())] for d in sys.argv[1:3])
+ref, got = ([float(r["train_loss"]) for r in csv.DictReader((Path(d) / "metrics.csv").open()) if r.get("train_loss")] for d in sys.argv[1:3])
 lines = [f"# tile:128 vs untiled, float32, on {torch.cuda.get_device_name()}", "",
          f"torch {torch.__version__}, CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}, memtrain {memtrain.__version__}", "",
          "Command: `memtrain fit --config configs/ci-tiny.yaml --size 256 --seed 3 --max-steps 3 ...` with and without"

@@ -117,9 +117,10 @@ def flops_and_time(size, plans, repeats):
 
     def step(p, models=built):
         plan, model, loss_fn = models[p]
-        with plan.precision().autocast(), plan.forward_context():  # as the training step: amp plans run in bf16
-            loss = loss_fn(model(x), y)
-        loss.backward()
+        with plan.session():  # as the training step: the plan's session, autocast around the forward (amp: bf16)
+            with plan.precision().autocast(), plan.forward_context():
+                loss = loss_fn(model(x), y)
+            loss.backward()
         model.zero_grad(set_to_none=True)
 
     flops, gpu_flops = {}, {}

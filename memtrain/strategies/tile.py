@@ -43,9 +43,10 @@ at that resolution (interiors partition every layer: the sums are exact; float64
 the tile; training on a CPU in float32, a second such sweep sums Σ(x − mean)² as ATen's CPU
 kernel does (:class:`_StatsSums`). Then BN k's mean/biased variance are fixed, rounded as that
 kernel rounds them, and its running statistics updated as ``nn.BatchNorm2d`` does. A last sweep
-produces the output. Each BN applies ``x·α + β`` in one rounding, as the kernel does, so on a
-CPU the float32 tiled forward equals the untiled forward bit for bit (convolutions give the
-same bits on a window as on the whole image); the backward sums in another order. Backward, by linearity: with fixed
+produces the output. With the CPU rounding each BN applies ``x·α + β`` with ``addcmul``, which
+rounds as the kernel does (once where both fuse the multiply-add), so on a CPU the float32 tiled
+forward equals the untiled forward bit for bit (convolutions give the same bits on a window as on
+the whole image; measured, tests/test_tile.py); the backward sums in another order. Backward, by linearity: with fixed
 statistics ``dx = γ/σ·(g − S1/N − x̂·S2/N)``, S1 = Σg, S2 = Σg·x̂. Per tile the region output's
 gradient masked to the tile's interior is injected, and at each BN the correction
 ``−γ/σ·(S1/N + x̂·S2/N)`` masked to the tile's interior; summed over tiles this is the exact
@@ -635,7 +636,8 @@ class Tiling:
 
     ``lean``: the decoder region recomputes E per tile instead of taking ``f2`` whole, and the
     middle drops its whole tensors once read (see the module docstring); False: ``tile``'s program.
-    ``cpu_rounding``: float32 BatchNorm statistics take ATen's CPU kernel's second variance sweep
+    ``cpu_rounding``: BatchNorm rounds as ATen's CPU kernel: every BN's output as ``x·α + β``
+    (:class:`_FixedBN`), and float32 statistics with the kernel's second variance sweep
     (:class:`_StatsSums`); the ``tile`` strategy sets it for a CPU target.
     """
 
@@ -643,7 +645,7 @@ class Tiling:
         self.model = model
         self.side = side  # None: auto from the input size
         self.lean = lean
-        self.cpu_rounding = cpu_rounding  # float32 BN statistics rounded as ATen's CPU kernel (_StatsSums): for CPU training
+        self.cpu_rounding = cpu_rounding  # BatchNorm rounded as ATen's CPU kernel (see the class docstring): for CPU training
         self.active: _BNSession | None = None
         self.step_stats: dict = {}
         self.counters = Counters()
@@ -881,7 +883,8 @@ class Tile(Strategy):
 
     # CPU: measured by benchmarks/tile.py at 512² (auto side 256, 2 × 2 tiles; process time, interleaved), float32
     # with the CPU rounding's second statistics sweep: tile 4.78× `none` (FLOPs 3.98×), tile:lean 9.69× (FLOPs 8.04×);
-    # under amp (one sweep) amp,tile,checkpoint:full,quant 3.04× (FLOPs 3.60×).
+    # under amp (one sweep) amp,tile,checkpoint:full,quant 3.04× (FLOPs 3.60×): declared_time sees only the variant, so
+    # CPU plans with amp are ranked with the float32 figure, as before the second sweep.
     # GPU: assumed the FLOP ratio of the one-sweep form (3.39×, lean 6.98×; not measured on a GPU).
     time_cost = 3.4
     time_cost_cpu = 4.8
