@@ -81,6 +81,13 @@ def test_float32_cpu_forward_is_the_untiled_forward_bit_for_bit(warmed):
     with torch.no_grad():
         assert torch.equal(lean(x), plain(x))
     assert [n for n, b in plain.named_buffers() if not torch.equal(b, dict(lean.named_buffers())[n])] == []
+    plain, tiled = warmed(), warmed()  # momentum None: running statistics as cumulative averages, the same bits
+    for bn in (m for model in (plain, tiled) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        bn.momentum = None
+    create("tile:64").transform(tiled)
+    with torch.no_grad():
+        assert torch.equal(tiled(x), plain(x))
+    assert [n for n, b in plain.named_buffers() if not torch.equal(b, dict(tiled.named_buffers())[n])] == []
 
 
 def test_cpu_rounding_follows_the_target_not_the_machine_an_estimate_runs_on(warmed):
