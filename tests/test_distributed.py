@@ -24,6 +24,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -389,6 +390,70 @@ def test_heartbeat_ends_a_worker_when_rank_0_stops_beating():
         assert "rank 1 (test): no heartbeat from rank 0" in proc.stderr.read()
     finally:
         _kill([proc])
+
+
+def test_heartbeat_stop_and_finish_wait_for_their_threads():
+    """After ``stop``/``finish`` no heartbeat thread runs, and rank 0's ``done`` is the store's last word."""
+    from datetime import timedelta
+
+    from memtrain.distributed.heartbeat import DONE, KEY, Heartbeat
+
+    def running() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("memtrain-heartbeat")]
+
+    store = torch.distributed.TCPStore("127.0.0.1", 0, 1, is_master=True, timeout=timedelta(seconds=30), wait_for_workers=False)
+    beat = Heartbeat(store, rank=0, timeout=60.0, interval=1e-4).start()
+    watch = Heartbeat(store, rank=1, timeout=60.0, interval=1e-4).start()
+    time.sleep(0.3)
+    assert sorted(running()) == ["memtrain-heartbeat-beat", "memtrain-heartbeat-poll", "memtrain-heartbeat-watch"]
+    watch.stop()
+    assert sorted(running()) == ["memtrain-heartbeat-beat"]
+    beat.finish()
+    assert running() == []
+    time.sleep(0.1)
+    assert store.get(KEY) == DONE.encode()
+
+
+def test_a_process_exits_cleanly_when_its_heartbeat_was_inside_a_store_call():
+    """The CI failure this guards against: a worker that had trained exited -6 ("terminate called without an active
+    exception"): its heartbeat thread was inside a TCPStore call, and the call returned while the interpreter finalized.
+
+    Made to happen every time here: the store's server process is paused (SIGSTOP) while the watcher polls it
+    without pause, so a call is in flight when the worker stops its heartbeat; the server resumes while the
+    worker's interpreter finalizes (an object's ``__del__`` holds the finalization open for 2 s)."""
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import time, torch; from datetime import timedelta\n"
+         "s = torch.distributed.TCPStore('127.0.0.1', 0, 2, is_master=True, timeout=timedelta(seconds=60), wait_for_workers=False)\n"
+         "print(s.port, flush=True); time.sleep(120)\n"],
+        cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    worker = None
+    try:
+        port = int(server.stdout.readline())
+        code = (
+            "import sys, time, torch; from datetime import timedelta; from memtrain.distributed.heartbeat import Heartbeat\n"
+            f"store = torch.distributed.TCPStore('127.0.0.1', {port}, 2, is_master=False, timeout=timedelta(seconds=60))\n"
+            "class SlowExit:\n    def __del__(self): time.sleep(2.0)\n"
+            "slow = SlowExit()  # a module global: deleted while the interpreter finalizes\n"
+            "h = Heartbeat(store, rank=1, timeout=60.0, interval=1e-5).start()\n"
+            "print('polling', flush=True); sys.stdin.readline(); h.stop()\n"
+        )
+        worker = subprocess.Popen(
+            [sys.executable, "-c", code], cwd=ROOT, env=cli_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True, start_new_session=True,
+        )  # fmt: skip
+        assert worker.stdout.readline().strip() == "polling"
+        server.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)  # the poll thread now waits in a store call
+        worker.stdin.write("\n")
+        worker.stdin.flush()
+        time.sleep(1.0)  # before: the worker is finalizing by now; after: its stop() is waiting for the thread
+        server.send_signal(signal.SIGCONT)
+        _, err = worker.communicate(timeout=60)
+        assert worker.returncode == 0, f"exit {worker.returncode}: {err[-2000:]}"
+    finally:
+        server.send_signal(signal.SIGCONT)
+        _kill([p for p in (server, worker) if p is not None])
 
 
 # --------------------------------------------------------------------------- real processes

@@ -95,8 +95,8 @@ class DDPRunner(LightningRunner):
         finally:
             if ok:
                 heartbeat.finish()
-                # Tear the process group down before the interpreter does: gloo's threads destroyed at exit abort the
-                # process now and then ("terminate called without an active exception").
+                # Tear the process group down before the interpreter does: no C++ thread may outlive it (see
+                # memtrain.distributed.heartbeat for what one still working at exit does).
                 with contextlib.suppress(Exception):
                     torch.distributed.destroy_process_group()
             else:

@@ -14,6 +14,12 @@ as an exception from gloo or TensorPipe (with a C++ stack in its message). Such 
 runs its waiting under :meth:`Heartbeat.verdict`: the exception is held until the
 heartbeat decides — rank 0 silent: the one line and exit code 1, no traceback; rank 0
 still beating or finished: the exception goes on as it was.
+
+:meth:`Heartbeat.stop` and :meth:`Heartbeat.finish` wait for the threads to end. A thread
+still inside a store call (a C++ call that releases the GIL) when the interpreter
+finalizes aborts the whole process as it returns: "terminate called without an active
+exception", exit -6, after a run that had succeeded. Python 3.11 ends such a thread with
+``pthread_exit``, and its unwinding through pybind11's GIL guard calls ``std::terminate``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import time
 KEY = "heartbeat"
 DONE = "done"
 EXIT_MASTER_LOST = 1
+JOIN_TIMEOUT = 10.0  # s: a store call that hangs longer (its host unreachable) is left running
 
 
 class Heartbeat:
@@ -51,11 +58,18 @@ class Heartbeat:
         return self
 
     def stop(self) -> None:
+        """End the threads and wait for them (at most ``JOIN_TIMEOUT`` s; see the module)."""
         self._stop.set()
+        deadline = time.monotonic() + JOIN_TIMEOUT
+        for t in self._threads:
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
 
     def finish(self) -> None:
-        """Rank 0, at a normal end: tell the watchers to stop watching (rank 0 may exit before they do)."""
-        self._stop.set()
+        """At a normal end: :meth:`stop`; rank 0 then tells the watchers to stop watching (it may exit before they do).
+
+        The beats have stopped before ``done`` is written, so no late beat overwrites it."""
+        self.stop()
         if self.rank == 0:
             try:
                 self.store.set(KEY, DONE)

@@ -237,23 +237,24 @@ class RPCRunner:
         announce(denv, role, device)
         store = rendezvous_store(denv)
         heartbeat = Heartbeat(store, rank=denv.rank, timeout=cfg.dist.master_timeout, label=f"rank {denv.rank} ({role})").start()
-        rpc.init_rpc(role, rank=denv.rank, world_size=denv.world_size, rpc_backend_options=backend_options(cfg, denv, device, store))
-        if not denv.is_master:
-            # Serve the master's calls; returns once every rank has called shutdown.
-            with heartbeat.verdict():
-                rpc.shutdown()
-            heartbeat.stop()
-            return None
-
         graceful = False
         try:
-            engine = RPCEngine(cfg, plan, device, rank_memory(device, cfg.memory.track))
-            run_dir = ShardedRunner(engine, device).run(cfg, plan, env, resume=resume)
-            graceful = True
-            return run_dir
+            rpc.init_rpc(role, rank=denv.rank, world_size=denv.world_size, rpc_backend_options=backend_options(cfg, denv, device, store))
+            if not denv.is_master:
+                # Serve the master's calls; returns once every rank has called shutdown.
+                with heartbeat.verdict():
+                    rpc.shutdown()
+                graceful = True
+                return None
+            try:
+                engine = RPCEngine(cfg, plan, device, rank_memory(device, cfg.memory.track))
+                run_dir = ShardedRunner(engine, device).run(cfg, plan, env, resume=resume)
+                graceful = True
+                return run_dir
+            finally:
+                with contextlib.suppress(Exception):
+                    rpc.shutdown(graceful=graceful)
         finally:
-            with contextlib.suppress(Exception):
-                rpc.shutdown(graceful=graceful)
             if graceful:
                 heartbeat.finish()
             else:  # a failed master just stops beating: the workers notice and exit
