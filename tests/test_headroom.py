@@ -77,9 +77,45 @@ def test_cpu_workspace_follows_the_convolutions_operands():
 
     # float32: a 32-channel full-resolution copy, 128 B/px; 16-bit kernels half that.
     assert workspace("none", 512) == 128 * 512**2 and workspace("amp:bf16,checkpoint:full", 512) == 64 * 512**2
-    # tile: the full-resolution convolutions run on windows (tile side + 2 x 32 px halo), not on the image.
-    assert workspace("tile", 512) == 128 * 320**2 and workspace("tile:128", 2048) == 128 * 192**2
+    # tile: the full-resolution convolutions run on windows (tile side + 2 x 32 px halo), not on the image...
+    assert workspace("tile", 512) == 128 * 320**2 and workspace("tile:128", 384) == 128 * 192**2
     assert workspace("tile", 64) == 128 * 64**2  # a window clipped to the image
+    # ... but the untiled middle's largest input (24 B per image pixel in float32, 12 in 16 bits) outgrows a window.
+    assert workspace("tile:128", 2048) == 24 * 2048**2 and workspace("amp:bf16,tile:lean-128", 2048) == 12 * 2048**2
+
+
+def test_cpu_workspace_under_tile_is_the_largest_convolution_input_of_the_tiled_step():
+    # Traced: every convolution of a tiled training forward on fake tensors (the backward's recomputes repeat them). At
+    # 512² with tile:128 the largest input is the middle's (decoder block 2, 384 channels at 1/8: 6 MiB), not a window's
+    # (192² x 32 channels: 4.5 MiB); with tile:lean-128 a window's (its decoder halo is 64 px: 256² x 32, 8 MiB).
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memtrain.config import ModelConfig
+    from memtrain.memory.estimate import StepMemory
+    from memtrain.memory.headroom import default_model
+    from memtrain.model import build_model
+    from memtrain.strategies.tile import apply_tiling
+
+    phases = {"forward": {"tensor_peak": 0}, "backward": {"tensor_peak": 0}}
+    inputs = []
+
+    class Convolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                inputs.append(args[0].numel() * args[0].element_size())
+            return func(*args, **(kwargs or {}))
+
+    size = 512
+    for lean, largest in ((False, 24 * size**2), (True, 128 * 256**2)):
+        inputs.clear()
+        with FakeTensorMode():
+            model = apply_tiling(build_model(ModelConfig(encoder="resnet34")), 128, lean=lean)
+            with Convolutions():
+                model(torch.rand(1, 1, size, size))
+        spec = "tile:lean-128" if lean else "tile:128"
+        assert max(inputs) == default_model("cpu").bound(StepMemory(spec, size, 1, True, phases)) == largest
 
 
 def test_cpu_workspace_is_the_largest_convolution_input_of_the_unet():

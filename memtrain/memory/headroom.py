@@ -42,6 +42,10 @@ PHASE_NAMES = ("forward", "backward", "optimizer")
 # 2x the input for a 1-channel output (the head, 16→1: 30.8 MiB). The U-Net's largest is a full-resolution map of 32
 # channels (decoder block 4's input; the head's 2 x 16): 32 x 4 = 128 bytes per pixel in float32, 64 in 16 bits.
 # Only one convolution runs at a time, so the step's peak gains at most the largest copy.
+# Under ``tile`` the full-resolution convolutions run on windows, but the middle of the U-Net stays whole: its largest
+# convolution input is decoder block 2's (384 channels at 1/8 resolution: 24 bytes per image pixel in float32, 12 in 16
+# bits), 24/128 of the full-resolution one per image pixel. Above ~740 px (one 320 px window) it is the largest copy.
+UNTILED_SHARE = 24 / 128
 CPU_WORKSPACE = {"forward": 128.0, "backward": 128.0, "optimizer": 0.0, "forward@16-bit": 64.0, "backward@16-bit": 64.0}
 # What is left, measured over whole steps (512² minus 64², `benchmarks/cpu_bound.py`): small blocks on glibc's heap, page
 # rounding of every mapping, the interpreter's objects. It is 1.0 % (none) and 2.5 % (amp) of the step's increase beyond
@@ -91,13 +95,14 @@ class HeadroomModel:
 
 
 def workspace_pixels(memory) -> int:
-    """The pixels the workspace term scales with: the batch's, or under ``tile`` one tile's window per image.
+    """The pixels the workspace term scales with: the batch's, or under ``tile`` the larger of one tile's window per
+    image and the untiled middle's share of the image (``UNTILED_SHARE``).
 
     ``tile`` runs the full-resolution convolutions on windows of the tile side plus a halo on each side
     (``memtrain.strategies.tile``: 32 px for ResNet18/34, 64 px in the lean form's decoder region), so their
-    working copies are a window's, not the image's.
+    working copies are a window's, not the image's; the middle's convolutions still see the whole image.
     """
-    side = memory.size
+    pixels = memory.batch_size * memory.size * memory.size
     for spec in memory.strategies.split(","):
         name, _, variant = spec.partition(":")
         parsed = parse_variant(variant or "auto") if name == "tile" else None
@@ -105,7 +110,8 @@ def workspace_pixels(memory) -> int:
             lean, tile = parsed
             halo = 2 * ALIGN if lean else ALIGN
             side = min(memory.size, (tile or auto_side(memory.size, memory.size)) + 2 * halo)
-    return memory.batch_size * side * side
+            pixels = max(memory.batch_size * side * side, math.ceil(pixels * UNTILED_SHARE))
+    return pixels
 
 
 def default_model(device: str) -> HeadroomModel:
