@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import os
 import statistics
@@ -167,11 +168,11 @@ def main() -> None:
             t = run_child(["--child-time", "--size", str(args.size), "--time-steps", str(args.time_steps)], env=env)
             timing.append({"threshold": label, **t})
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.with_suffix(".csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    atomic_write_text(out.with_suffix(".csv"), buf.getvalue())
     host = host_environment()
     command = f"python benchmarks/cpu_bound.py --size {args.size} --base {args.base} --repeats {args.repeats} --time-rounds {args.time_rounds} --out {args.out}"
     lines = [

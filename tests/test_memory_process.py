@@ -88,6 +88,20 @@ def test_mmap_threshold_setting_is_checked(monkeypatch):
     monkeypatch.setenv("MEMTRAIN_MMAP_THRESHOLD", "lots")
     with pytest.raises(ConfigError, match="MEMTRAIN_MMAP_THRESHOLD='lots': expected a number of bytes or 'default'"):
         threshold_from_env()
+    monkeypatch.setenv("MEMTRAIN_MMAP_THRESHOLD", str(2**33))  # mallopt's C int would wrap it to 0
+    with pytest.raises(ConfigError, match="expected at most 2147483647 bytes"):
+        threshold_from_env()
+
+
+def test_a_bad_mmap_threshold_setting_is_one_line_before_anything_is_written(monkeypatch, capsys, tmp_path):
+    # Checked by the CLI up front: a compare cell would otherwise catch it and report every cell "rejected".
+    from memtrain.cli import main
+
+    monkeypatch.setenv("MEMTRAIN_MMAP_THRESHOLD", "lots")
+    code = main(["compare", "--strategies", "none", "--sizes", "64", "--out", str(tmp_path / "cmp")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and err == ["memtrain: error: MEMTRAIN_MMAP_THRESHOLD='lots': expected a number of bytes or 'default'"]
+    assert not (tmp_path / "cmp").exists()
 
 
 SCRIPT = """

@@ -29,7 +29,6 @@ in one place: docs/memory.md, "CPU memory that is the same from run to run".
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -37,6 +36,7 @@ from memtrain.errors import ConfigError
 
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
 DEFAULT_THRESHOLD = 128 * 1024  # glibc's initial value
+MAX_THRESHOLD = 2**31 - 1  # mallopt takes a C int: larger values would wrap around
 ENV = "MEMTRAIN_MMAP_THRESHOLD"
 
 _applied: int | None = None
@@ -55,6 +55,8 @@ def threshold_from_env(default: int | None = DEFAULT_THRESHOLD) -> int | None:
         raise ConfigError(f"{ENV}={value!r}: expected a number of bytes or 'default'") from None
     if threshold <= 0:
         return None
+    if threshold > MAX_THRESHOLD:
+        raise ConfigError(f"{ENV}={value!r}: expected at most {MAX_THRESHOLD} bytes (glibc's mallopt takes a C int)")
     return threshold
 
 
