@@ -188,11 +188,6 @@ class _Abort(Exception):
     """Private control flow: a stats sweep stops the tile at its target BN."""
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """BatchNorm arithmetic: float32 for 16-bit and float32 inputs, float64 for float64."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 class _FixedBN(torch.autograd.Function):
     """BatchNorm with fixed (batch) statistics; its backward adds the global correction on the tile interior.
 
