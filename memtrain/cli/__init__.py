@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        from memtrain.memory.allocator import threshold_from_env  # (here: memtrain.memory loads torch, which --help need not)
+        from memtrain.memory.allocator import threshold_from_env  # startup: memtrain.memory loads torch, which --help need not
 
         threshold_from_env()  # checked before any command writes anything (fit, compare and measurements read it)
         return int(args.run(args) or 0)
