@@ -19,6 +19,34 @@ def _write(path, **fields):
     return path
 
 
+def _convolution_inputs(size: int, tile: tuple[int, bool] | None = None) -> list[int]:
+    """Bytes of every convolution input of a float32 U-Net ResNet34 training forward at ``size``², on fake tensors;
+    ``tile``: ``(side, lean)`` of the tiled program."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from memtrain.config import ModelConfig
+    from memtrain.model import build_model
+    from memtrain.strategies.tile import apply_tiling
+
+    inputs = []
+
+    class Convolutions(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten.convolution.default:
+                inputs.append(args[0].numel() * args[0].element_size())
+            return func(*args, **(kwargs or {}))
+
+    with FakeTensorMode():
+        model = build_model(ModelConfig(encoder="resnet34"))
+        if tile is not None:
+            apply_tiling(model, tile[0], lean=tile[1])
+        with Convolutions():
+            model(torch.rand(1, 1, size, size))
+    return inputs
+
+
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the CPU path of calibrate")
 def test_calibrate_without_cuda_is_one_line_exit_2(tmp_path, capsys):
     code = main(["calibrate", "--out", str(tmp_path / "h.json")])
@@ -88,59 +116,22 @@ def test_cpu_workspace_under_tile_is_the_largest_convolution_input_of_the_tiled_
     # Traced: every convolution of a tiled training forward on fake tensors (the backward's recomputes repeat them). At
     # 512² with tile:128 the largest input is the middle's (decoder block 2, 384 channels at 1/8: 6 MiB), not a window's
     # (192² x 32 channels: 4.5 MiB); with tile:lean-128 a window's (its decoder halo is 64 px: 256² x 32, 8 MiB).
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from memtrain.config import ModelConfig
     from memtrain.memory.estimate import StepMemory
     from memtrain.memory.headroom import default_model
-    from memtrain.model import build_model
-    from memtrain.strategies.tile import apply_tiling
 
     phases = {"forward": {"tensor_peak": 0}, "backward": {"tensor_peak": 0}}
-    inputs = []
-
-    class Convolutions(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.convolution.default:
-                inputs.append(args[0].numel() * args[0].element_size())
-            return func(*args, **(kwargs or {}))
-
     size = 512
     for lean, largest in ((False, 24 * size**2), (True, 128 * 256**2)):
-        inputs.clear()
-        with FakeTensorMode():
-            model = apply_tiling(build_model(ModelConfig(encoder="resnet34")), 128, lean=lean)
-            with Convolutions():
-                model(torch.rand(1, 1, size, size))
         spec = "tile:lean-128" if lean else "tile:128"
-        assert max(inputs) == default_model("cpu").bound(StepMemory(spec, size, 1, True, phases)) == largest
+        bound = default_model("cpu").bound(StepMemory(spec, size, 1, True, phases))
+        assert max(_convolution_inputs(size, (128, lean))) == bound == largest
 
 
 def test_cpu_workspace_is_the_largest_convolution_input_of_the_unet():
     # CPU_WORKSPACE's 128 B/px is derived from the traced convolutions (each holds a blocked copy of its input while it
     # runs, memtrain.memory.headroom): the largest input per image pixel, in float32, must be that.
-    import torch
-    from torch._subclasses.fake_tensor import FakeTensorMode
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    from memtrain.config import ModelConfig
     from memtrain.memory.headroom import CPU_WORKSPACE
-    from memtrain.model import build_model
-
-    inputs = []
-
-    class Convolutions(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func is torch.ops.aten.convolution.default:
-                inputs.append(args[0].numel() * args[0].element_size())
-            return func(*args, **(kwargs or {}))
 
     size = 64
-    with FakeTensorMode():
-        model = build_model(ModelConfig(encoder="resnet34"))
-        x = torch.rand(1, 1, size, size)
-        with Convolutions():
-            model(x)
+    inputs = _convolution_inputs(size)
     assert len(inputs) >= 36 and max(inputs) / size**2 == CPU_WORKSPACE["forward"] == 2 * CPU_WORKSPACE["forward@16-bit"]
